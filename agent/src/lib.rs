@@ -1,0 +1,1 @@
+//! imds-agent: keeps instance-role credentials current in files and on a Unix socket.

@@ -1,0 +1,2 @@
+//! The `imds-agent` binary. (Being written.)
+fn main() {}

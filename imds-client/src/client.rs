@@ -1,0 +1,5 @@
+//! The IMDSv2 client. (Being written.)
+
+/// Placeholder until the client lands.
+#[derive(Debug)]
+pub struct ImdsClient;

@@ -1,0 +1,1 @@
+//! IMDS client configuration. (Being written.)

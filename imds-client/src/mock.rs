@@ -1,0 +1,1 @@
+//! The IMDSv2 emulator. (Being written.)

@@ -1,0 +1,7 @@
+//! The caching, refreshing credentials provider.
+
+mod source;
+mod state;
+
+pub use source::{BoxFuture, CredentialsSource, FetchedCredentials};
+pub use state::{ProviderState, RoleCredentials};

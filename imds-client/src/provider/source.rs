@@ -1,0 +1,41 @@
+//! Where the provider gets role credentials from.
+//!
+//! The provider talks to a [`CredentialsSource`] rather than to
+//! [`ImdsClient`](crate::ImdsClient) directly. The client implements it for
+//! production; provider tests implement it with scripted fakes, so refresh
+//! timing can run on tokio's paused clock without real sockets (a paused
+//! clock auto-advances past I/O waits, which would make socket timeouts fire
+//! spuriously).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use crate::credentials::Credentials;
+use crate::error::Error;
+
+/// A boxed, sendable future, as returned by [`CredentialsSource`] methods.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Credentials as fetched, with the server's clock reading.
+#[derive(Debug, Clone)]
+pub struct FetchedCredentials {
+    /// The credentials.
+    pub credentials: Credentials,
+    /// The `Date` header of the response, for clock-skew detection.
+    pub server_time: Option<SystemTime>,
+}
+
+/// Something that can name the attached role and fetch its credentials.
+pub trait CredentialsSource: Send + Sync + fmt::Debug + 'static {
+    /// The name of the attached role.
+    /// [`ErrorKind::NoRoleAttached`](crate::ErrorKind::NoRoleAttached) when none is.
+    fn role_name(&self) -> BoxFuture<'_, Result<String, Error>>;
+
+    /// The current credentials of `role`.
+    fn role_credentials<'a>(
+        &'a self,
+        role: &'a str,
+    ) -> BoxFuture<'a, Result<FetchedCredentials, Error>>;
+}

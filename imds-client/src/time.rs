@@ -1,0 +1,104 @@
+//! An injectable wall clock.
+//!
+//! Credential expiry is wall-clock time (`Expiration` in the IMDS JSON), but
+//! `tokio::time::pause()` only moves tokio's monotonic clock, never
+//! [`SystemTime`]. Every "is it stale?" question in this crate therefore asks a
+//! [`TimeSource`], and tests hand in a [`ManualTimeSource`] that they move
+//! together with tokio's paused clock. `clippy.toml` forbids
+//! `SystemTime::now` everywhere else, so nothing can bypass it by accident.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// A source of wall-clock time.
+pub trait TimeSource: Send + Sync + fmt::Debug {
+    /// The current wall-clock time.
+    fn now(&self) -> SystemTime;
+}
+
+/// The real system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemTimeSource;
+
+impl TimeSource for SystemTimeSource {
+    fn now(&self) -> SystemTime {
+        // The one place the real wall clock is read.
+        #[allow(clippy::disallowed_methods)]
+        SystemTime::now()
+    }
+}
+
+/// A cheaply cloneable handle to a [`TimeSource`]; `Default` is the system clock.
+#[derive(Debug, Clone)]
+pub struct SharedTimeSource(Arc<dyn TimeSource>);
+
+impl SharedTimeSource {
+    /// Wraps a time source.
+    pub fn new(source: impl TimeSource + 'static) -> Self {
+        Self(Arc::new(source))
+    }
+
+    /// The current wall-clock time according to the wrapped source.
+    pub fn now(&self) -> SystemTime {
+        self.0.now()
+    }
+}
+
+impl Default for SharedTimeSource {
+    fn default() -> Self {
+        Self::new(SystemTimeSource)
+    }
+}
+
+impl TimeSource for SharedTimeSource {
+    fn now(&self) -> SystemTime {
+        self.0.now()
+    }
+}
+
+/// A wall clock that only moves when told to, for tests.
+///
+/// Clones share the same time, so a test keeps one handle and gives another to
+/// the code under test.
+#[derive(Debug, Clone)]
+pub struct ManualTimeSource(Arc<Mutex<SystemTime>>);
+
+impl ManualTimeSource {
+    /// A clock stopped at `start`.
+    pub fn new(start: SystemTime) -> Self {
+        Self(Arc::new(Mutex::new(start)))
+    }
+
+    /// Moves the clock forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        let mut now = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *now += by;
+    }
+
+    /// Sets the clock to `to` (which may be earlier, to model a clock step).
+    pub fn set(&self, to: SystemTime) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = to;
+    }
+}
+
+impl TimeSource for ManualTimeSource {
+    fn now(&self) -> SystemTime {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manual_clock_moves_only_when_told_and_clones_share_it() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let clock = ManualTimeSource::new(start);
+        let shared = SharedTimeSource::new(clock.clone());
+        assert_eq!(shared.now(), start);
+        clock.advance(Duration::from_secs(5));
+        assert_eq!(shared.now(), start + Duration::from_secs(5));
+    }
+}
