@@ -1,1 +1,10 @@
-//! End-to-end tests. (Being written.)
+//! End-to-end tests: the real `imds-agent` binary, run as a user would.
+//!
+//! One test binary (as ripgrep does), one module per area. Each test starts
+//! its own processes on loopback ports or in a fresh temp dir.
+
+#![allow(missing_docs)]
+
+mod macros;
+mod mock_imds;
+mod util;

@@ -1,4 +1,11 @@
 //! imds-agent: keeps instance-role credentials current in files and on a Unix socket.
+//!
+//! The binary's subcommands live here as library functions so that tests can
+//! drive them; `main.rs` only parses the command line, sets up logging and
+//! maps errors to exit codes.
 
+pub mod cli;
 pub mod format;
+pub mod mock_imds;
+pub mod signals;
 pub mod sink;
