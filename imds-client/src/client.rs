@@ -1,5 +1,626 @@
-//! The IMDSv2 client. (Being written.)
+//! The IMDSv2 client: "GET a metadata path with a session token".
+//!
+//! [`ImdsClient`] owns the HTTP connection pool, the session-token cache
+//! ([`token`]) and the retry policy ([`RetryPolicy`]). Typed helpers sit on top
+//! of [`ImdsClient::get`]. The client never goes through an HTTP proxy
+//! (whatever `HTTP_PROXY` says), never sends `X-Forwarded-For`, and reads at
+//! most [`MAX_RESPONSE_BYTES`] of any answer.
 
-/// Placeholder until the client lands.
+pub mod token;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::{Method, StatusCode};
+use tokio::time::Instant;
+
+use crate::config::{EndpointMode, Env, invalid, parse_bool};
+use crate::credentials::Credentials;
+use crate::error::{Error, ErrorKind};
+use crate::provider::{BoxFuture, CredentialsSource, FetchedCredentials};
+use crate::secret::SecretString;
+use token::{MaybeToken, TokenCache};
+
+/// Default connect timeout. IMDS is a link-local service: it answers in
+/// milliseconds or not at all.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default timeout for a whole request after connecting.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default number of attempts for a request (the first one included).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
+/// Default session-token lifetime: the maximum IMDS allows, 6 hours.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(21_600);
+/// The most of a response body the client will read.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// How long an unreachable endpoint is remembered, so that a caller's retry
+/// loop fails at once instead of waiting for a connect timeout each time.
+pub const UNREACHABLE_MEMO: Duration = Duration::from_secs(30);
+
+const TOKEN_PATH: &str = "/latest/api/token";
+const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+const ROLE_LIST_PATH: &str = "/latest/meta-data/iam/security-credentials/";
+const EXTENDED_PATH: &str = "/latest/meta-data/iam/security-credentials-extended/";
+
+/// Which statuses and failures are tried again, and how.
+///
+/// | outcome | retried? |
+/// |---|---|
+/// | 5xx | yes, exponential backoff with jitter |
+/// | 429 Too Many Requests | yes, with a four times longer backoff |
+/// | timeout after connecting, connection reset | yes |
+/// | 401 | once, at once, with a new token (outside the attempt budget) |
+/// | 400, 403, 404, other 4xx | no |
+/// | nothing listening (connect refused / timed out) | no: fails fast and is remembered for [`UNREACHABLE_MEMO`] |
+/// | token request connects but never answers | no: the hop-limit symptom, reported as [`ErrorKind::TokenTimeout`] |
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    max_attempts: u32,
+    base_delay: Duration,
+}
+
+impl RetryPolicy {
+    fn is_retried(error: &Error) -> bool {
+        matches!(
+            error.kind(),
+            ErrorKind::ServerError { .. }
+                | ErrorKind::Throttled
+                | ErrorKind::Timeout
+                | ErrorKind::Connection
+        )
+    }
+
+    fn backoff(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(self.base_delay)
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .with_max_times(self.max_attempts.saturating_sub(1) as usize)
+    }
+}
+
+/// Builds an [`ImdsClient`]. Every setter's default is stated in its docs;
+/// unset values come from the environment (see [`crate::config`]).
+#[derive(Debug, Default)]
+#[must_use]
+pub struct ImdsClientBuilder {
+    endpoint: Option<String>,
+    endpoint_mode: Option<EndpointMode>,
+    connect_timeout: Option<Duration>,
+    read_timeout: Option<Duration>,
+    max_attempts: Option<u32>,
+    token_ttl: Option<Duration>,
+    imdsv1_fallback: Option<bool>,
+    profile_name: Option<String>,
+    env: Env,
+}
+
+impl ImdsClientBuilder {
+    /// The IMDS endpoint URL, e.g. `http://127.0.0.1:8080`. Default: from the
+    /// endpoint mode. Fails unless it is an `http` or `https` URL with a host.
+    pub fn endpoint(mut self, url: impl AsRef<str>) -> Result<Self, Error> {
+        self.endpoint = Some(validate_endpoint(url.as_ref(), "endpoint")?);
+        Ok(self)
+    }
+
+    /// IPv4 (`http://169.254.169.254`, the default) or IPv6 (`http://[fd00:ec2::254]`).
+    pub fn endpoint_mode(mut self, mode: EndpointMode) -> Self {
+        self.endpoint_mode = Some(mode);
+        self
+    }
+
+    /// Connect timeout. Default: [`DEFAULT_CONNECT_TIMEOUT`] (or `AWS_METADATA_SERVICE_TIMEOUT`).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// Timeout of one request after connecting. Default: [`DEFAULT_READ_TIMEOUT`]
+    /// (or `AWS_METADATA_SERVICE_TIMEOUT`).
+    pub fn read_timeout(mut self, timeout: Duration) -> Self {
+        self.read_timeout = Some(timeout);
+        self
+    }
+
+    /// Attempts per request, the first included (at least 1). Default:
+    /// [`DEFAULT_MAX_ATTEMPTS`] (or `AWS_METADATA_SERVICE_NUM_ATTEMPTS`).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = Some(attempts);
+        self
+    }
+
+    /// Session-token lifetime, 1 s to 21600 s. Default: [`DEFAULT_TOKEN_TTL`].
+    pub fn token_ttl(mut self, ttl: Duration) -> Self {
+        self.token_ttl = Some(ttl);
+        self
+    }
+
+    /// Whether to fall back to IMDSv1 when the token request answers 403,
+    /// 404 or 405 (never on a timeout). Default: false.
+    /// `AWS_EC2_METADATA_V1_DISABLED=true` forbids it whatever this says.
+    pub fn imdsv1_fallback(mut self, enabled: bool) -> Self {
+        self.imdsv1_fallback = Some(enabled);
+        self
+    }
+
+    /// Use this role name instead of discovering it. Default: discover
+    /// (or `AWS_EC2_INSTANCE_PROFILE_NAME`).
+    pub fn profile_name(mut self, name: impl Into<String>) -> Self {
+        self.profile_name = Some(name.into());
+        self
+    }
+
+    /// Where environment settings are read from. Default: the process environment.
+    pub fn env(mut self, env: Env) -> Self {
+        self.env = env;
+        self
+    }
+
+    /// Resolves every setting and builds the client. No I/O happens here.
+    pub fn build(self) -> Result<ImdsClient, Error> {
+        let env = &self.env;
+        let disabled = match env.get("AWS_EC2_METADATA_DISABLED") {
+            Some(v) => parse_bool(&v, "AWS_EC2_METADATA_DISABLED")?,
+            None => false,
+        };
+        let endpoint = match self.endpoint {
+            Some(endpoint) => endpoint,
+            None => match env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") {
+                Some(v) => validate_endpoint(&v, "AWS_EC2_METADATA_SERVICE_ENDPOINT")?,
+                None => {
+                    let mode = match self.endpoint_mode {
+                        Some(mode) => mode,
+                        None => match env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE") {
+                            Some(v) => {
+                                EndpointMode::parse(&v, "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE")?
+                            }
+                            None => EndpointMode::default(),
+                        },
+                    };
+                    mode.endpoint().to_owned()
+                }
+            },
+        };
+        let env_timeout = match env.get("AWS_METADATA_SERVICE_TIMEOUT") {
+            Some(v) => Some(
+                v.trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && *s > 0.0)
+                    .map(Duration::from_secs_f64)
+                    .ok_or_else(|| {
+                        invalid(
+                            "AWS_METADATA_SERVICE_TIMEOUT",
+                            format!("expected a positive number of seconds, got {v:?}"),
+                        )
+                    })?,
+            ),
+            None => None,
+        };
+        let max_attempts = match self.max_attempts {
+            Some(n) => n,
+            None => match env.get("AWS_METADATA_SERVICE_NUM_ATTEMPTS") {
+                Some(v) => v.trim().parse::<u32>().map_err(|_| {
+                    invalid(
+                        "AWS_METADATA_SERVICE_NUM_ATTEMPTS",
+                        format!("expected a whole number, got {v:?}"),
+                    )
+                })?,
+                None => DEFAULT_MAX_ATTEMPTS,
+            },
+        };
+        if max_attempts == 0 {
+            return Err(invalid("max_attempts", "must be at least 1"));
+        }
+        let token_ttl = self.token_ttl.unwrap_or(DEFAULT_TOKEN_TTL);
+        if !(1..=21_600).contains(&token_ttl.as_secs()) || token_ttl.subsec_nanos() != 0 {
+            return Err(invalid(
+                "token_ttl",
+                "must be a whole number of seconds from 1 to 21600",
+            ));
+        }
+        let v1_disabled = match env.get("AWS_EC2_METADATA_V1_DISABLED") {
+            Some(v) => parse_bool(&v, "AWS_EC2_METADATA_V1_DISABLED")?,
+            None => false,
+        };
+        let profile_name = self
+            .profile_name
+            .or_else(|| env.get("AWS_EC2_INSTANCE_PROFILE_NAME"))
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty());
+        let connect_timeout = self
+            .connect_timeout
+            .or(env_timeout)
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let read_timeout = self
+            .read_timeout
+            .or(env_timeout)
+            .unwrap_or(DEFAULT_READ_TIMEOUT);
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(connect_timeout)
+            .user_agent(concat!("imds-client/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(4)
+            .build()
+            .map_err(|e| {
+                let kind = ErrorKind::InvalidConfiguration {
+                    setting: "http client".into(),
+                    reason: "could not be built".into(),
+                };
+                Error::with_source(kind, e)
+            })?;
+        Ok(ImdsClient {
+            inner: Arc::new(Inner {
+                http,
+                endpoint: endpoint.trim_end_matches('/').to_owned(),
+                read_timeout,
+                retry: RetryPolicy {
+                    max_attempts,
+                    base_delay: Duration::from_millis(100),
+                },
+                token_ttl,
+                v1_fallback: self.imdsv1_fallback.unwrap_or(false) && !v1_disabled,
+                disabled,
+                profile_name,
+                tokens: TokenCache::default(),
+                unreachable_until: Mutex::new(None),
+                credentials_path: AtomicU8::new(PATH_UNKNOWN),
+            }),
+        })
+    }
+}
+
+fn validate_endpoint(url: &str, setting: &str) -> Result<String, Error> {
+    let parsed = reqwest::Url::parse(url.trim())
+        .map_err(|e| invalid(setting, format!("{url:?} is not a URL ({e})")))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+        return Err(invalid(
+            setting,
+            format!("{url:?} is not an http:// URL with a host"),
+        ));
+    }
+    Ok(url.trim().trim_end_matches('/').to_owned())
+}
+
+const PATH_UNKNOWN: u8 = 0;
+const PATH_EXTENDED: u8 = 1;
+const PATH_CLASSIC: u8 = 2;
+
 #[derive(Debug)]
-pub struct ImdsClient;
+struct Inner {
+    http: reqwest::Client,
+    endpoint: String,
+    read_timeout: Duration,
+    retry: RetryPolicy,
+    token_ttl: Duration,
+    v1_fallback: bool,
+    disabled: bool,
+    profile_name: Option<String>,
+    tokens: TokenCache,
+    unreachable_until: Mutex<Option<Instant>>,
+    credentials_path: AtomicU8,
+}
+
+/// A response body and the server's `Date`.
+#[derive(Debug)]
+struct Answer {
+    body: String,
+    server_time: Option<SystemTime>,
+}
+
+/// An IMDSv2 client. Cheap to clone: clones share the connection pool and the
+/// token cache.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), imds_client::Error> {
+/// let client = imds_client::ImdsClient::builder().build()?;
+/// println!("running on {}", client.instance_id().await?);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ImdsClient {
+    inner: Arc<Inner>,
+}
+
+impl ImdsClient {
+    /// Starts configuring a client.
+    pub fn builder() -> ImdsClientBuilder {
+        ImdsClientBuilder::default()
+    }
+
+    /// The endpoint this client talks to.
+    pub fn endpoint(&self) -> &str {
+        &self.inner.endpoint
+    }
+
+    /// GETs a metadata path (e.g. `/latest/meta-data/instance-id`) and returns the body.
+    pub async fn get(&self, path: &str) -> Result<String, Error> {
+        self.fetch(path).await.map(|a| a.body)
+    }
+
+    /// The instance id.
+    pub async fn instance_id(&self) -> Result<String, Error> {
+        self.get("/latest/meta-data/instance-id").await
+    }
+
+    /// The region the instance runs in.
+    pub async fn region(&self) -> Result<String, Error> {
+        self.get("/latest/meta-data/placement/region").await
+    }
+
+    /// The instance identity document (JSON text).
+    pub async fn instance_identity_document(&self) -> Result<String, Error> {
+        self.get("/latest/dynamic/instance-identity/document").await
+    }
+
+    /// The IAM info document (`InstanceProfileArn`, `InstanceProfileId`).
+    /// [`ErrorKind::NoRoleAttached`] when no role is attached.
+    pub async fn iam_info(&self) -> Result<String, Error> {
+        self.get("/latest/meta-data/iam/info")
+            .await
+            .map_err(|e| match e.kind() {
+                ErrorKind::NotFound { .. } => Error::new(ErrorKind::NoRoleAttached),
+                _ => e,
+            })
+    }
+
+    /// The attached role's name; the configured one (no request) when a
+    /// profile name is set. [`ErrorKind::NoRoleAttached`] when none is attached.
+    pub async fn role_name(&self) -> Result<String, Error> {
+        if let Some(name) = &self.inner.profile_name {
+            return Ok(name.clone());
+        }
+        match self.get(ROLE_LIST_PATH).await {
+            Ok(body) => body
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .map(str::to_owned)
+                .ok_or_else(|| Error::new(ErrorKind::NoRoleAttached)),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {
+                Err(Error::new(ErrorKind::NoRoleAttached))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The credentials of `role`. Tries the extended path (which adds the
+    /// account id) first; on 404 the classic one, remembering which this
+    /// instance serves.
+    pub async fn role_credentials(&self, role: &str) -> Result<Credentials, Error> {
+        self.fetch_credentials(role).await.map(|f| f.credentials)
+    }
+
+    async fn fetch_credentials(&self, role: &str) -> Result<FetchedCredentials, Error> {
+        if role.is_empty() || role.contains('/') {
+            return Err(invalid("role name", format!("{role:?} is not a role name")));
+        }
+        let inner = &self.inner;
+        let mut answer = None;
+        if inner.credentials_path.load(Ordering::Relaxed) != PATH_CLASSIC {
+            match self.fetch(&format!("{EXTENDED_PATH}{role}")).await {
+                Ok(a) => {
+                    inner
+                        .credentials_path
+                        .store(PATH_EXTENDED, Ordering::Relaxed);
+                    answer = Some(a);
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let answer = match answer {
+            Some(a) => a,
+            None => match self.fetch(&format!("{ROLE_LIST_PATH}{role}")).await {
+                Ok(a) => {
+                    inner
+                        .credentials_path
+                        .store(PATH_CLASSIC, Ordering::Relaxed);
+                    a
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {
+                    return Err(match &inner.profile_name {
+                        Some(name) => Error::new(ErrorKind::RoleNotFound { role: name.clone() }),
+                        None => Error::new(ErrorKind::NoRoleAttached),
+                    });
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        Ok(FetchedCredentials {
+            credentials: Credentials::from_imds_json(answer.body.as_bytes())?,
+            server_time: answer.server_time,
+        })
+    }
+
+    /// One metadata GET with retries, the token and the unreachable memo.
+    async fn fetch(&self, path: &str) -> Result<Answer, Error> {
+        let inner = &self.inner;
+        if inner.disabled {
+            return Err(Error::new(ErrorKind::Disabled));
+        }
+        let memo = *inner
+            .unreachable_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if memo.is_some_and(|until| Instant::now() < until) {
+            return Err(Error::new(ErrorKind::Unreachable));
+        }
+        let policy = inner.retry;
+        let result = (|| self.attempt(path))
+            .retry(policy.backoff())
+            .when(RetryPolicy::is_retried)
+            .adjust(|error: &Error, delay| match error.kind() {
+                ErrorKind::Throttled => delay.map(|d| d * 4),
+                _ => delay,
+            })
+            .notify(|error: &Error, delay| {
+                tracing::debug!(%path, error = %error, ?delay, "retrying IMDS request");
+            })
+            .await;
+        if let Err(e) = &result
+            && matches!(e.kind(), ErrorKind::Unreachable)
+        {
+            *inner
+                .unreachable_until
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + UNREACHABLE_MEMO);
+        }
+        result
+    }
+
+    /// One attempt: token, GET, and on 401 one more try with a new token.
+    async fn attempt(&self, path: &str) -> Result<Answer, Error> {
+        let token = self.token().await?;
+        let response = self.send(Method::GET, path, token.as_ref(), None).await?;
+        let response = if response.status() == StatusCode::UNAUTHORIZED && token.is_some() {
+            tracing::debug!("IMDS rejected the session token; fetching a new one");
+            self.inner.tokens.invalidate().await;
+            let token = self.token().await?;
+            self.send(Method::GET, path, token.as_ref(), None).await?
+        } else {
+            response
+        };
+        let status = response.status();
+        let server_time = response
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok());
+        match status.as_u16() {
+            200 => Ok(Answer {
+                body: read_bounded(response).await?,
+                server_time,
+            }),
+            401 => Err(Error::new(ErrorKind::Unauthorized)),
+            404 => Err(Error::new(ErrorKind::NotFound {
+                path: path.to_owned(),
+            })),
+            429 => Err(Error::new(ErrorKind::Throttled)),
+            s @ 500..=599 => Err(Error::new(ErrorKind::ServerError { status: s })),
+            s => Err(Error::new(ErrorKind::UnexpectedStatus { status: s })),
+        }
+    }
+
+    async fn token(&self) -> Result<MaybeToken, Error> {
+        let inner = &self.inner;
+        inner
+            .tokens
+            .get_or_fetch(inner.token_ttl, || self.fetch_token())
+            .await
+    }
+
+    async fn fetch_token(&self) -> Result<MaybeToken, Error> {
+        let ttl = self.inner.token_ttl.as_secs().to_string();
+        let response = match self.send(Method::PUT, TOKEN_PATH, None, Some(&ttl)).await {
+            Ok(r) => r,
+            Err(e) if matches!(e.kind(), ErrorKind::Timeout) => {
+                return Err(Error::new(ErrorKind::TokenTimeout));
+            }
+            Err(e) => return Err(e),
+        };
+        match response.status().as_u16() {
+            200 => {
+                let token = read_bounded(response).await?;
+                if token.trim().is_empty() {
+                    return Err(Error::new(ErrorKind::MalformedResponse {
+                        what: "the session token is empty".into(),
+                    }));
+                }
+                Ok(Some(SecretString::new(token.trim().to_owned())))
+            }
+            s @ (403..=405) if self.inner.v1_fallback => {
+                tracing::warn!(
+                    status = s,
+                    "IMDS refused a session token; falling back to IMDSv1 as configured"
+                );
+                Ok(None)
+            }
+            400 => Err(Error::new(ErrorKind::UnexpectedStatus { status: 400 })),
+            s @ (403..=405) => Err(Error::new(ErrorKind::TokenRejected { status: s })),
+            429 => Err(Error::new(ErrorKind::Throttled)),
+            s @ 500..=599 => Err(Error::new(ErrorKind::ServerError { status: s })),
+            s => Err(Error::new(ErrorKind::UnexpectedStatus { status: s })),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&SecretString>,
+        ttl: Option<&str>,
+    ) -> Result<reqwest::Response, Error> {
+        let inner = &self.inner;
+        let mut request = inner
+            .http
+            .request(method, format!("{}{path}", inner.endpoint))
+            .timeout(inner.read_timeout);
+        if let Some(token) = token {
+            let mut value =
+                reqwest::header::HeaderValue::from_str(token.expose()).map_err(|_| {
+                    Error::new(ErrorKind::MalformedResponse {
+                        what: "the session token is not a valid header value".into(),
+                    })
+                })?;
+            value.set_sensitive(true);
+            request = request.header(TOKEN_HEADER, value);
+        }
+        if let Some(ttl) = ttl {
+            request = request.header(TTL_HEADER, ttl);
+        }
+        request.send().await.map_err(classify_transport)
+    }
+}
+
+fn classify_transport(error: reqwest::Error) -> Error {
+    // reqwest's messages name the URL, never headers, so the token stays out.
+    let kind = if error.is_connect() {
+        ErrorKind::Unreachable
+    } else if error.is_timeout() {
+        ErrorKind::Timeout
+    } else {
+        ErrorKind::Connection
+    };
+    Error::with_source(kind, error)
+}
+
+async fn read_bounded(mut response: reqwest::Response) -> Result<String, Error> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > MAX_RESPONSE_BYTES as u64)
+    {
+        return Err(Error::new(ErrorKind::ResponseTooLarge {
+            limit: MAX_RESPONSE_BYTES,
+        }));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(classify_transport)? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(Error::new(ErrorKind::ResponseTooLarge {
+                limit: MAX_RESPONSE_BYTES,
+            }));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).map_err(|_| {
+        Error::new(ErrorKind::MalformedResponse {
+            what: "the response is not UTF-8 text".into(),
+        })
+    })
+}
+
+impl CredentialsSource for ImdsClient {
+    fn role_name(&self) -> BoxFuture<'_, Result<String, Error>> {
+        Box::pin(ImdsClient::role_name(self))
+    }
+
+    fn role_credentials<'a>(
+        &'a self,
+        role: &'a str,
+    ) -> BoxFuture<'a, Result<FetchedCredentials, Error>> {
+        Box::pin(self.fetch_credentials(role))
+    }
+}
