@@ -14,6 +14,6 @@ pub mod time;
 pub use client::ImdsClient;
 pub use credentials::Credentials;
 pub use error::{Error, ErrorKind};
-pub use provider::{CredentialsSource, ProviderState, RoleCredentials};
+pub use provider::{CredentialsSource, ImdsCredentialsProvider, ProviderState, RoleCredentials};
 pub use secret::SecretString;
 pub use time::{ManualTimeSource, SharedTimeSource, SystemTimeSource, TimeSource};

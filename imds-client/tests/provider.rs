@@ -1,0 +1,341 @@
+//! `ImdsCredentialsProvider` as a timeline: a scripted source, tokio's paused
+//! clock and a manual wall clock moved together.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use imds_client::provider::{BoxFuture, FetchedCredentials};
+use imds_client::{
+    Credentials, CredentialsSource, Error, ErrorKind, ImdsCredentialsProvider, ManualTimeSource,
+    ProviderState, SharedTimeSource, TimeSource,
+};
+
+const HOUR: Duration = Duration::from_secs(3600);
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A source whose answers the test sets, counting calls.
+#[derive(Debug, Clone)]
+struct Fake {
+    role: Arc<Mutex<Result<String, ErrorKind>>>,
+    creds: Arc<Mutex<Result<Credentials, ErrorKind>>>,
+    role_calls: Arc<AtomicUsize>,
+    cred_calls: Arc<AtomicUsize>,
+    delay: Duration,
+}
+
+impl Fake {
+    fn new(role: &str, creds: Credentials) -> Self {
+        Self {
+            role: Arc::new(Mutex::new(Ok(role.into()))),
+            creds: Arc::new(Mutex::new(Ok(creds))),
+            role_calls: Arc::default(),
+            cred_calls: Arc::default(),
+            delay: Duration::from_millis(10),
+        }
+    }
+    fn set_creds(&self, creds: Result<Credentials, ErrorKind>) {
+        *self.creds.lock().unwrap() = creds;
+    }
+    fn set_role(&self, role: Result<&str, ErrorKind>) {
+        *self.role.lock().unwrap() = role.map(str::to_owned);
+    }
+    fn calls(&self) -> (usize, usize) {
+        (
+            self.role_calls.load(Ordering::SeqCst),
+            self.cred_calls.load(Ordering::SeqCst),
+        )
+    }
+}
+
+impl CredentialsSource for Fake {
+    fn role_name(&self) -> BoxFuture<'_, Result<String, Error>> {
+        Box::pin(async move {
+            self.role_calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            self.role.lock().unwrap().clone().map_err(Error::new)
+        })
+    }
+    fn role_credentials<'a>(
+        &'a self,
+        role: &'a str,
+    ) -> BoxFuture<'a, Result<FetchedCredentials, Error>> {
+        Box::pin(async move {
+            self.cred_calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            assert_eq!(
+                Ok(role.to_owned()),
+                *self.role.lock().unwrap(),
+                "asked for the attached role"
+            );
+            self.creds
+                .lock()
+                .unwrap()
+                .clone()
+                .map(|credentials| FetchedCredentials {
+                    credentials,
+                    server_time: None,
+                })
+                .map_err(Error::new)
+        })
+    }
+}
+
+fn start() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000)
+}
+
+fn creds(key: &str, issued: SystemTime, lifetime: Duration) -> Credentials {
+    Credentials::new(
+        key,
+        format!("secret-{key}"),
+        format!("token-{key}"),
+        issued + lifetime,
+    )
+    .with_last_updated(issued)
+}
+
+/// Moves tokio's paused clock and the wall clock together.
+async fn advance(clock: &ManualTimeSource, by: Duration) {
+    clock.advance(by);
+    tokio::time::advance(by).await;
+}
+
+fn provider(fake: &Fake, clock: &ManualTimeSource) -> ImdsCredentialsProvider {
+    ImdsCredentialsProvider::builder()
+        .source(fake.clone())
+        .time_source(SharedTimeSource::new(clock.clone()))
+        .advisory_refresh_window(20 * MINUTE)
+        .build()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_thousand_callers_at_cold_start_cause_one_load() {
+    let clock = ManualTimeSource::new(start());
+    let fake = Fake::new("r", creds("AKIDFIRST", start(), 6 * HOUR));
+    let provider = provider(&fake, &clock);
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let provider = provider.clone();
+            tokio::spawn(async move { provider.credentials().await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap().access_key_id(), "AKIDFIRST");
+    }
+    assert_eq!(fake.calls(), (1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_load_is_shared_by_its_waiters() {
+    let clock = ManualTimeSource::new(start());
+    let fake = Fake::new("r", creds("AKID", start(), 6 * HOUR));
+    fake.set_creds(Err(ErrorKind::ServerError { status: 500 }));
+    let provider = provider(&fake, &clock);
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let provider = provider.clone();
+            tokio::spawn(async move { provider.credentials().await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(
+            task.await.unwrap().unwrap_err().kind(),
+            &ErrorKind::ServerError { status: 500 }
+        );
+    }
+    assert_eq!(fake.calls(), (1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_timeline_advisory_in_background_then_mandatory_waits() {
+    let clock = ManualTimeSource::new(start());
+    let fake = Fake::new("r", creds("AKID1", start(), 6 * HOUR));
+    let provider = provider(&fake, &clock);
+    provider.credentials().await.unwrap();
+    assert_eq!(fake.calls(), (1, 1));
+
+    // Fresh: no I/O.
+    advance(&clock, 5 * HOUR + 30 * MINUTE).await;
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKID1"
+    );
+    assert_eq!(fake.calls(), (1, 1), "not in the advisory window yet");
+
+    // Into the advisory window (15 min left): cached answer at once, one
+    // background refresh.
+    fake.set_creds(Ok(creds("AKID2", clock.now(), 6 * HOUR)));
+    advance(&clock, 15 * MINUTE).await;
+    let at_once = provider.credentials().await.unwrap();
+    assert_eq!(
+        at_once.access_key_id(),
+        "AKID1",
+        "callers are not made to wait"
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            provider.credentials().await.unwrap().access_key_id(),
+            "AKID1"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(fake.calls(), (2, 2), "exactly one background refresh");
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKID2"
+    );
+
+    // Mandatory window of the new credentials: the caller waits for the load.
+    fake.set_creds(Ok(creds(
+        "AKID3",
+        clock.now() + 6 * HOUR - 30 * MINUTE,
+        6 * HOUR,
+    )));
+    advance(&clock, 6 * HOUR - 30 * Duration::from_secs(1)).await;
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKID3"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn static_stability_serves_last_good_and_backs_off_then_recovers() {
+    let clock = ManualTimeSource::new(start());
+    let fake = Fake::new("r", creds("AKID1", start(), HOUR));
+    let provider = provider(&fake, &clock);
+    let mut state = provider.subscribe();
+    provider.credentials().await.unwrap();
+    fake.set_creds(Err(ErrorKind::ServerError { status: 503 }));
+    fake.set_role(Err(ErrorKind::ServerError { status: 503 }));
+
+    // Ask every 10 s for two hours, well past expiry.
+    for _ in 0..(2 * 360) {
+        advance(&clock, Duration::from_secs(10)).await;
+        let got = provider
+            .credentials()
+            .await
+            .expect("last good credentials are served");
+        assert_eq!(got.access_key_id(), "AKID1");
+    }
+    let (role_calls, _) = fake.calls();
+    // Advisory window: a background try per call would be ~120; with the
+    // 5-10 minute backoff past the mandatory window it is a few dozen at most.
+    assert!(
+        role_calls <= 40,
+        "no storm: {role_calls} role requests in 2 h"
+    );
+    assert!(matches!(
+        &*state.borrow_and_update(),
+        ProviderState::Unavailable { stale: Some(_), .. }
+    ));
+
+    // IMDS answers again: recovery at the next attempt, at once on request.
+    fake.set_role(Ok("r"));
+    fake.set_creds(Ok(creds("AKID2", clock.now(), HOUR)));
+    assert_eq!(
+        provider
+            .refresh_now()
+            .await
+            .unwrap()
+            .credentials
+            .access_key_id(),
+        "AKID2"
+    );
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKID2"
+    );
+    assert!(matches!(
+        &*state.borrow_and_update(),
+        ProviderState::Active {
+            last_error: None,
+            ..
+        }
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_detached_role_withdraws_credentials_and_a_replaced_role_is_followed() {
+    let clock = ManualTimeSource::new(start());
+    let fake = Fake::new("first", creds("AKID1", start(), 6 * HOUR));
+    let provider = provider(&fake, &clock);
+    let state = provider.subscribe();
+    provider.credentials().await.unwrap();
+
+    fake.set_role(Ok("second"));
+    fake.set_creds(Ok(creds("AKID2", start(), 6 * HOUR)));
+    let polled = provider.poll().await.unwrap();
+    assert_eq!(
+        (polled.role.as_str(), polled.credentials.access_key_id()),
+        ("second", "AKID2")
+    );
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKID2"
+    );
+
+    fake.set_role(Err(ErrorKind::NoRoleAttached));
+    let err = provider.poll().await.unwrap_err();
+    assert_eq!(err.kind(), &ErrorKind::NoRoleAttached);
+    assert!(matches!(&*state.borrow(), ProviderState::NoRole));
+    let err = provider.credentials().await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        &ErrorKind::NoRoleAttached,
+        "the detached role's credentials are gone"
+    );
+    assert!(provider.last_good().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn non_recoverable_failures_are_cached_briefly() {
+    let clock = ManualTimeSource::new(start());
+    let fake = Fake::new("r", creds("AKID", start(), 6 * HOUR));
+    fake.set_creds(Err(ErrorKind::CredentialsUnavailable {
+        code: "AssumeRoleUnauthorizedAccess".into(),
+        message: "no".into(),
+    }));
+    let provider = provider(&fake, &clock);
+    for _ in 0..10 {
+        assert!(provider.credentials().await.is_err());
+    }
+    assert_eq!(fake.calls(), (1, 1));
+    advance(&clock, Duration::from_secs(6)).await;
+    assert!(provider.credentials().await.is_err());
+    assert_eq!(fake.calls(), (2, 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_credentials_from_imds_are_extended_briefly() {
+    let clock = ManualTimeSource::new(start());
+    let fake = Fake::new("r", creds("AKIDOLD", start() - 7 * HOUR, 6 * HOUR));
+    let provider = provider(&fake, &clock);
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKIDOLD"
+    );
+    for _ in 0..20 {
+        advance(&clock, Duration::from_secs(10)).await;
+        provider.credentials().await.unwrap();
+    }
+    assert!(fake.calls().1 <= 2, "no re-fetch storm: {:?}", fake.calls());
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalidate_forces_a_refresh() {
+    let clock = ManualTimeSource::new(start());
+    let fake = Fake::new("r", creds("AKID1", start(), 6 * HOUR));
+    let provider = provider(&fake, &clock);
+    provider.credentials().await.unwrap();
+    fake.set_creds(Ok(creds("AKID2", start(), 6 * HOUR)));
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKID1"
+    );
+    provider.invalidate();
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKID2"
+    );
+}

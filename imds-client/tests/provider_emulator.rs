@@ -1,0 +1,144 @@
+//! The provider over the real client against the emulator: the AWS SDK for
+//! Rust resolves our credentials, and no secret reaches the logs.
+#![cfg(feature = "mock")]
+
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use imds_client::config::Env;
+use imds_client::mock::{Fault, FaultDuration, MockImds};
+use imds_client::{ErrorKind, ImdsClient, ImdsCredentialsProvider};
+
+fn provider_for(imds: &MockImds) -> ImdsCredentialsProvider {
+    let client = ImdsClient::builder()
+        .env(Env::from_pairs::<&str, &str>([]))
+        .endpoint(imds.endpoint())
+        .unwrap()
+        .build()
+        .unwrap();
+    ImdsCredentialsProvider::builder().source(client).build()
+}
+
+#[tokio::test]
+async fn the_aws_sdk_resolves_the_credentials_the_emulator_issued() {
+    let imds = MockImds::builder().role("app-role").start().await.unwrap();
+    let shared = SharedCredentialsProvider::new(provider_for(&imds));
+    let config = aws_config::SdkConfig::builder()
+        .credentials_provider(shared)
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .build();
+    let resolved = config
+        .credentials_provider()
+        .unwrap()
+        .provide_credentials()
+        .await
+        .unwrap();
+    let issued = imds.current_credentials().unwrap();
+    assert_eq!(resolved.access_key_id(), issued.access_key_id());
+    assert_eq!(resolved.secret_access_key(), issued.secret_access_key());
+    assert_eq!(resolved.session_token(), Some(issued.session_token()));
+    assert_eq!(resolved.expiry(), Some(issued.expiration()));
+    assert_eq!(
+        resolved.account_id().map(|a| a.as_str()),
+        Some("123456789012")
+    );
+}
+
+#[tokio::test]
+async fn cold_start_herd_makes_three_imds_requests() {
+    let imds = MockImds::builder().role("app-role").start().await.unwrap();
+    let provider = provider_for(&imds);
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let provider = provider.clone();
+            tokio::spawn(async move { provider.credentials().await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let counts = imds.request_counts();
+    assert_eq!(counts.total, 3, "{counts:?}");
+    assert_eq!(counts.count("PUT", "/latest/api/token"), 1);
+    assert_eq!(
+        counts.count("GET", "/latest/meta-data/iam/security-credentials/"),
+        1
+    );
+    assert_eq!(
+        counts.count(
+            "GET",
+            "/latest/meta-data/iam/security-credentials-extended/app-role"
+        ),
+        1
+    );
+}
+
+#[tokio::test]
+async fn sdk_error_taxonomy_for_no_role_and_trust_policy() {
+    let imds = MockImds::builder().start().await.unwrap();
+    let provider = provider_for(&imds);
+    let err = provider.provide_credentials().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            aws_credential_types::provider::error::CredentialsError::CredentialsNotLoaded(_)
+        ),
+        "{err:?}"
+    );
+
+    imds.attach_role("r");
+    imds.inject(
+        Fault::Code {
+            code: "AssumeRoleUnauthorizedAccess".into(),
+            message: "EC2 cannot assume the role r".into(),
+        },
+        FaultDuration::Forever,
+    );
+    let provider = provider_for(&imds);
+    let err = provider.provide_credentials().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            aws_credential_types::provider::error::CredentialsError::InvalidConfiguration(_)
+        ),
+        "{err:?}"
+    );
+    assert!(matches!(
+        provider.credentials().await.unwrap_err().kind(),
+        ErrorKind::CredentialsUnavailable { .. }
+    ));
+}
+
+#[tokio::test]
+#[tracing_test::traced_test]
+async fn no_secret_reaches_the_logs_across_a_lifecycle() {
+    let imds = MockImds::builder().role("first").start().await.unwrap();
+    let provider = provider_for(&imds);
+    let mut secrets = Vec::new();
+    let first = provider.credentials().await.unwrap();
+    secrets.push(first.secret_access_key().to_owned());
+    secrets.push(first.session_token().to_owned());
+    imds.replace_role("second");
+    let second = provider.poll().await.unwrap();
+    secrets.push(second.credentials.secret_access_key().to_owned());
+    secrets.push(second.credentials.session_token().to_owned());
+    imds.inject(Fault::Status { status: 503 }, FaultDuration::Requests(20));
+    let _ = provider.refresh_now().await;
+    imds.clear_faults();
+    imds.detach_role();
+    let _ = provider.poll().await;
+    let _ = format!("{provider:?} {first:?} {second:?}");
+    logs_assert(|lines: &[&str]| {
+        if lines.is_empty() {
+            return Err("expected some log lines".into());
+        }
+        for line in lines {
+            for secret in &secrets {
+                if line.contains(secret.as_str()) {
+                    return Err(format!("a secret leaked into: {line}"));
+                }
+            }
+        }
+        Ok(())
+    });
+    assert!(logs_contain("fetched instance-role credentials"));
+    assert!(logs_contain("detached"));
+}
