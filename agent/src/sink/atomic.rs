@@ -1,0 +1,306 @@
+//! Replacing a file so that no reader ever sees a partial or mixed file.
+//!
+//! The new content goes to a temporary file in the same directory, created
+//! exclusively, never through a symlink, with its final mode (set again with
+//! `fchmod`, so the umask cannot widen or narrow it) and owner; it is written,
+//! `fsync`ed, renamed over the target, and the directory is `fsync`ed. A
+//! reader opens either the old inode or the new one, never a half-written
+//! file. Writers (two agents, or an agent and a person's script) are
+//! serialised by an `flock` on a sibling `.NAME.lock` file, and the target is
+//! read under that lock, just before merging, so no concurrent edit is lost.
+
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use rustix::fs::{FlockOperation, OFlags, flock};
+
+/// Mode and ownership of an output file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileOptions {
+    /// Permission bits, exactly (default 0600).
+    pub mode: u32,
+    /// New owner uid, if the agent may change it (needs CAP_CHOWN).
+    pub owner: Option<u32>,
+    /// New group gid (the agent must be in it, or have CAP_CHOWN).
+    pub group: Option<u32>,
+    /// Write in place instead of renaming (for a bind-mounted target file).
+    /// A reader may then see a partial file while it is written.
+    pub in_place: bool,
+}
+
+impl Default for FileOptions {
+    fn default() -> Self {
+        Self {
+            mode: 0o600,
+            owner: None,
+            group: None,
+            in_place: false,
+        }
+    }
+}
+
+impl FileOptions {
+    /// Owner read-write, group read (0640), for handing the file to a group.
+    pub fn group_readable() -> Self {
+        Self {
+            mode: 0o640,
+            ..Self::default()
+        }
+    }
+}
+
+/// What an update did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The content was already right: nothing was written.
+    Unchanged,
+    /// The file was replaced.
+    Written,
+    /// The file was removed.
+    Removed,
+}
+
+/// Follows a symlinked target to the real file, so the link stays intact and
+/// the file it names is replaced.
+fn real_target(path: &Path) -> anyhow::Result<PathBuf> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            let target = fs::read_link(path)
+                .with_context(|| format!("reading the link {}", path.display()))?;
+            let target = if target.is_absolute() {
+                target
+            } else {
+                path.parent().unwrap_or(Path::new(".")).join(target)
+            };
+            real_target(&target)
+        }
+        _ => Ok(path.to_owned()),
+    }
+}
+
+/// Reads the target under the lock, asks `merge` for the new content (`None`:
+/// remove the file) and writes it atomically when it differs.
+pub fn update_file(
+    path: &Path,
+    options: &FileOptions,
+    merge: impl FnOnce(Option<&str>) -> anyhow::Result<Option<String>>,
+) -> anyhow::Result<Outcome> {
+    let path = real_target(path)?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_owned();
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?
+        .to_string_lossy()
+        .into_owned();
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating the directory {}", dir.display()))?;
+    }
+    let lock_path = dir.join(format!(".{name}.lock"));
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags((OFlags::NOFOLLOW | OFlags::CLOEXEC).bits() as i32)
+        .open(&lock_path)
+        .with_context(|| format!("opening the lock file {}", lock_path.display()))?;
+    flock(&lock, FlockOperation::LockExclusive)
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+
+    let existing = match File::open(&path) {
+        Ok(mut file) => {
+            let mut text = String::new();
+            file.read_to_string(&mut text)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Some(text)
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let wanted = merge(existing.as_deref())?;
+    match (existing, wanted) {
+        (None, None) => Ok(Outcome::Unchanged),
+        (Some(_), None) => {
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            sync_dir(&dir)?;
+            Ok(Outcome::Removed)
+        }
+        (Some(old), Some(new)) if old == new && mode_is(&path, options) => Ok(Outcome::Unchanged),
+        (_, Some(new)) => {
+            if options.in_place {
+                write_in_place(&path, new.as_bytes(), options)?;
+            } else {
+                write_replacing(&dir, &name, &path, new.as_bytes(), options)?;
+            }
+            Ok(Outcome::Written)
+        }
+    }
+}
+
+fn mode_is(path: &Path, options: &FileOptions) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o7777 == options.mode)
+}
+
+fn set_mode_and_owner(file: &File, path: &Path, options: &FileOptions) -> anyhow::Result<()> {
+    if options.owner.is_some() || options.group.is_some() {
+        std::os::unix::fs::fchown(file, options.owner, options.group)
+            .with_context(|| format!("changing the owner of {}", path.display()))?;
+    }
+    file.set_permissions(Permissions::from_mode(options.mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))
+}
+
+fn write_replacing(
+    dir: &Path,
+    name: &str,
+    path: &Path,
+    bytes: &[u8],
+    options: &FileOptions,
+) -> anyhow::Result<()> {
+    let temp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(options.mode)
+            .custom_flags((OFlags::NOFOLLOW | OFlags::CLOEXEC).bits() as i32)
+            .open(&temp)
+            .with_context(|| format!("creating {}", temp.display()))?;
+        set_mode_and_owner(&file, &temp, options)?;
+        file.write_all(bytes)
+            .with_context(|| format!("writing {}", temp.display()))?;
+        file.sync_all()
+            .with_context(|| format!("flushing {}", temp.display()))?;
+        if let Err(e) = fs::rename(&temp, path) {
+            if matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::BUSY.raw_os_error() || code == rustix::io::Errno::XDEV.raw_os_error())
+            {
+                bail!(
+                    "cannot replace {} by renaming ({e}): it looks like a bind-mounted file. \
+                     Mount its directory instead, or use the in-place mode (--in-place), \
+                     which lets readers see a partial file while it is written",
+                    path.display()
+                );
+            }
+            return Err(e)
+                .with_context(|| format!("renaming {} to {}", temp.display(), path.display()));
+        }
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+fn write_in_place(path: &Path, bytes: &[u8], options: &FileOptions) -> anyhow::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(options.mode)
+        .custom_flags((OFlags::NOFOLLOW | OFlags::CLOEXEC).bits() as i32)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    set_mode_and_owner(&file, path, options)?;
+    file.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("flushing {}", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("flushing the directory {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn writes_with_exact_mode_whatever_the_umask_and_skips_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/dir/file");
+        let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o000));
+        let outcome =
+            update_file(&path, &FileOptions::default(), |_| Ok(Some("one".into()))).unwrap();
+        rustix::process::umask(old);
+        assert_eq!(outcome, Outcome::Written);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            fs::metadata(dir.path().join("sub"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
+        let again =
+            update_file(&path, &FileOptions::default(), |_| Ok(Some("one".into()))).unwrap();
+        assert_eq!(again, Outcome::Unchanged);
+        let group = update_file(&path, &FileOptions::group_readable(), |_| {
+            Ok(Some("one".into()))
+        })
+        .unwrap();
+        assert_eq!(group, Outcome::Written, "a wrong mode is corrected");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        assert_eq!(
+            update_file(&path, &FileOptions::default(), |_| Ok(None)).unwrap(),
+            Outcome::Removed
+        );
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_symlinked_target_keeps_its_link_and_the_real_file_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        fs::write(&real, "old").unwrap();
+        let link = dir.path().join("link");
+        symlink("real", &link).unwrap();
+        update_file(&link, &FileOptions::default(), |old| {
+            assert_eq!(old, Some("old"));
+            Ok(Some("new".into()))
+        })
+        .unwrap();
+        assert!(
+            fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(fs::read_to_string(&real).unwrap(), "new");
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_old_file_and_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file");
+        fs::write(&path, "old").unwrap();
+        // Make the temp path unusable: a directory stands where it would go.
+        fs::create_dir(dir.path().join(format!(".file.tmp.{}", std::process::id()))).unwrap();
+        let err =
+            update_file(&path, &FileOptions::default(), |_| Ok(Some("new".into()))).unwrap_err();
+        assert!(format!("{err:#}").contains(".file.tmp"), "{err:#}");
+        assert_eq!(fs::read_to_string(&path).unwrap(), "old");
+    }
+}
