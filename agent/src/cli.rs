@@ -1,6 +1,7 @@
 //! The command line: subcommands and their flags.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +18,17 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Keep instance-role credentials current in files and on a Unix socket.
+    #[command(after_help = RUN_EXAMPLES)]
+    Run(Box<RunArgs>),
+    /// Print credentials in the `credential_process` JSON format, read from a
+    /// running agent's socket.
+    #[command(after_help = CREDENTIAL_PROCESS_EXAMPLES)]
+    CredentialProcess(CredentialProcessArgs),
+    /// Run the bundled IMDS emulator and the agent together, with outputs in
+    /// a fresh directory: the whole thing working, on any machine.
+    #[command(after_help = DEMO_EXAMPLES)]
+    Demo(DemoArgs),
     /// Run the bundled IMDSv2 emulator standalone, until SIGTERM or Ctrl-C.
     #[command(after_help = MOCK_IMDS_EXAMPLES)]
     MockImds(MockImdsArgs),
@@ -50,4 +62,145 @@ pub struct MockImdsArgs {
     /// Allow requests without a session token (IMDSv1).
     #[arg(long)]
     pub tokens_optional: bool,
+}
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  imds-agent run --credentials-file /var/lib/imds-agent/credentials --socket /run/imds-agent/agent.sock
+  imds-agent run --json-file /var/lib/imds-agent/credentials.json --file-mode 0640 --file-group 1001
+  IMDS_AGENT_SOCKET=/run/imds-agent/agent.sock imds-agent run
+
+Every flag can also be set with an environment variable IMDS_AGENT_<FLAG> (for systemd's
+EnvironmentFile=); the standard AWS_EC2_METADATA_* variables apply to the IMDS settings.
+Signals: SIGTERM/SIGINT stop cleanly, SIGHUP refreshes now.";
+
+const CREDENTIAL_PROCESS_EXAMPLES: &str = "\
+Use it from ~/.aws/config, so every AWS SDK and the CLI re-run it before expiry:
+
+  [default]
+  credential_process = imds-agent credential-process --socket /run/imds-agent/agent.sock
+
+Exit status 0 with the JSON on stdout; 1 with one line on stderr when the agent is not
+running, no role is attached, or no valid credentials are available.";
+
+const DEMO_EXAMPLES: &str = "\
+Examples:
+  imds-agent demo                 # runs until Ctrl-C, prints commands to try
+  imds-agent demo --duration 5    # stops by itself after 5 seconds";
+
+/// Parses an octal file mode such as `0600` or `640`.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{text:?} is not an octal mode such as 0600"))?;
+    if mode > 0o777 {
+        return Err(format!("{text:?} is not a file mode (at most 0777)"));
+    }
+    if mode & 0o007 != 0 {
+        return Err(format!(
+            "{text:?} would let every user read the credentials; use 0600 or 0640"
+        ));
+    }
+    Ok(mode)
+}
+
+/// Flags of `imds-agent run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Keep this AWS shared-credentials file current (only our profile's section is written).
+    #[arg(long, env = "IMDS_AGENT_CREDENTIALS_FILE", value_name = "PATH")]
+    pub credentials_file: Option<PathBuf>,
+    /// The profile (section) written in the credentials file.
+    #[arg(
+        long,
+        env = "IMDS_AGENT_PROFILE",
+        default_value = "default",
+        value_name = "NAME"
+    )]
+    pub profile: String,
+    /// Keep this file current with the credential_process JSON document.
+    #[arg(long, env = "IMDS_AGENT_JSON_FILE", value_name = "PATH")]
+    pub json_file: Option<PathBuf>,
+    /// Serve credentials over HTTP on this Unix socket.
+    #[arg(long, env = "IMDS_AGENT_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Mode of the output files (octal); never readable by others.
+    #[arg(long, env = "IMDS_AGENT_FILE_MODE", default_value = "0600", value_parser = parse_mode)]
+    pub file_mode: u32,
+    /// Owner (numeric uid) given to the output files; needs CAP_CHOWN.
+    #[arg(long, env = "IMDS_AGENT_FILE_OWNER", value_name = "UID")]
+    pub file_owner: Option<u32>,
+    /// Group (numeric gid) given to the output files, e.g. with --file-mode 0640.
+    #[arg(long, env = "IMDS_AGENT_FILE_GROUP", value_name = "GID")]
+    pub file_group: Option<u32>,
+    /// Mode of the socket file (octal).
+    #[arg(long, env = "IMDS_AGENT_SOCKET_MODE", default_value = "0600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+    /// Group (numeric gid) of the socket file.
+    #[arg(long, env = "IMDS_AGENT_SOCKET_GROUP", value_name = "GID")]
+    pub socket_group: Option<u32>,
+    /// Only these peer uids may use the socket (repeat or comma-separate). Default: anyone the socket's mode lets in.
+    #[arg(
+        long,
+        env = "IMDS_AGENT_ALLOW_UID",
+        value_delimiter = ',',
+        value_name = "UID"
+    )]
+    pub allow_uid: Vec<u32>,
+    /// Only peers in these gids may use the socket (repeat or comma-separate).
+    #[arg(
+        long,
+        env = "IMDS_AGENT_ALLOW_GID",
+        value_delimiter = ',',
+        value_name = "GID"
+    )]
+    pub allow_gid: Vec<u32>,
+    /// IMDS endpoint URL (default: from AWS_EC2_METADATA_SERVICE_ENDPOINT, else http://169.254.169.254).
+    #[arg(long, env = "IMDS_AGENT_IMDS_ENDPOINT", value_name = "URL")]
+    pub imds_endpoint: Option<String>,
+    /// IMDS endpoint mode when no endpoint is given: ipv4 or ipv6.
+    #[arg(long, env = "IMDS_AGENT_IMDS_ENDPOINT_MODE", value_name = "MODE")]
+    pub imds_endpoint_mode: Option<String>,
+    /// IMDS connect timeout, seconds.
+    #[arg(long, env = "IMDS_AGENT_CONNECT_TIMEOUT", value_name = "SECONDS")]
+    pub connect_timeout: Option<f64>,
+    /// IMDS request timeout, seconds.
+    #[arg(long, env = "IMDS_AGENT_READ_TIMEOUT", value_name = "SECONDS")]
+    pub read_timeout: Option<f64>,
+    /// Attempts per IMDS request.
+    #[arg(long, env = "IMDS_AGENT_ATTEMPTS", value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub attempts: Option<u32>,
+    /// Refresh this many seconds before expiry (default: scaled to the
+    /// credentials' lifetime, at most 30 minutes; at least 16 minutes for 6-hour credentials).
+    #[arg(long, env = "IMDS_AGENT_REFRESH_WINDOW", value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub refresh_window: Option<u64>,
+    /// How often to re-check the attached role, seconds (1 to 60).
+    #[arg(long, env = "IMDS_AGENT_POLL_INTERVAL", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub poll_interval: u64,
+    /// Log format: human or json.
+    #[arg(long, env = "IMDS_AGENT_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
+    pub log_format: String,
+}
+
+/// Flags of `imds-agent credential-process`.
+#[derive(Debug, clap::Args)]
+pub struct CredentialProcessArgs {
+    /// The agent's socket.
+    #[arg(
+        long,
+        env = "IMDS_AGENT_SOCKET",
+        default_value = "/run/imds-agent/agent.sock",
+        value_name = "PATH"
+    )]
+    pub socket: PathBuf,
+}
+
+/// Flags of `imds-agent demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<u64>,
+    /// Directory for the outputs (default: a new one under the temp dir).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }

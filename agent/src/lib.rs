@@ -5,7 +5,13 @@
 //! maps errors to exit codes.
 
 pub mod cli;
+pub mod credential_process;
+pub mod daemon;
+pub mod demo;
 pub mod format;
+pub mod metrics;
 pub mod mock_imds;
+pub mod run;
+pub mod server;
 pub mod signals;
 pub mod sink;

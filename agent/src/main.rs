@@ -11,7 +11,8 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let json_logs = matches!(&cli.command, Command::Run(args) if args.log_format == "json");
+    init_logging(json_logs);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -29,19 +30,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::MockImds(args) => imds_agent::mock_imds::run(args).await,
+            Command::Run(args) => {
+                imds_agent::run::validate(&args)?;
+                imds_agent::run::run(*args, async {
+                    if let Err(e) = imds_agent::signals::shutdown_signal().await {
+                        tracing::error!(cause = format!("{e:#}"), "cannot watch for signals");
+                    }
+                })
+                .await
+            }
+            Command::Demo(args) => imds_agent::demo::run(args).await,
+            Command::CredentialProcess(args) => {
+                let json = imds_agent::credential_process::fetch(&args.socket).await?;
+                println!("{}", json.trim_end());
+                Ok(())
+            }
         }
     })
 }
 
 /// Logs go to stderr, filtered by `IMDS_AGENT_LOG` or `RUST_LOG` (default `info`).
-fn init_logging() {
+fn init_logging(json: bool) {
     let filter = std::env::var("IMDS_AGENT_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }

@@ -1,0 +1,143 @@
+//! Counters for `GET /metrics` (Prometheus text format).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use imds_client::ProviderState;
+
+/// The agent's counters. Shared by the daemon and the socket server.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    refreshes: AtomicU64,
+    failures: Mutex<BTreeMap<String, u64>>,
+    last_success_unix: AtomicU64,
+    requests: AtomicU64,
+    denied: AtomicU64,
+    sink_failures: AtomicU64,
+}
+
+impl Metrics {
+    /// A successful refresh.
+    pub fn refreshed(&self, at: SystemTime) {
+        self.refreshes.fetch_add(1, Ordering::Relaxed);
+        let secs = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.last_success_unix.store(secs, Ordering::Relaxed);
+    }
+
+    /// A failed refresh, by error kind.
+    pub fn failed(&self, kind: &str) {
+        *self
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kind.to_owned())
+            .or_default() += 1;
+    }
+
+    /// A request served on the socket.
+    pub fn request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection refused by the peer allow-list.
+    pub fn denied(&self) {
+        self.denied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An output that could not be written.
+    pub fn sink_failed(&self) {
+        self.sink_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Renders every metric, with seconds until expiry from `state`.
+    pub fn render(&self, state: &ProviderState, now: SystemTime) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, String)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in lines {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        metric(
+            "imds_agent_refreshes_total",
+            "counter",
+            "Successful credential refreshes.",
+            vec![(
+                String::new(),
+                self.refreshes.load(Ordering::Relaxed).to_string(),
+            )],
+        );
+        let failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        metric(
+            "imds_agent_refresh_failures_total",
+            "counter",
+            "Failed refreshes by kind.",
+            failures
+                .into_iter()
+                .map(|(k, v)| (format!("{{kind=\"{k}\"}}"), v.to_string()))
+                .collect(),
+        );
+        metric(
+            "imds_agent_last_success_timestamp_seconds",
+            "gauge",
+            "Unix time of the last successful refresh.",
+            vec![(
+                String::new(),
+                self.last_success_unix.load(Ordering::Relaxed).to_string(),
+            )],
+        );
+        let expiry =
+            state
+                .current()
+                .map(|c| match c.credentials.expiration().duration_since(now) {
+                    Ok(d) => d.as_secs() as i64,
+                    Err(e) => -(e.duration().as_secs() as i64),
+                });
+        metric(
+            "imds_agent_credentials_expiry_seconds",
+            "gauge",
+            "Seconds until the served credentials expire.",
+            expiry
+                .map(|e| vec![(String::new(), e.to_string())])
+                .unwrap_or_default(),
+        );
+        metric(
+            "imds_agent_requests_total",
+            "counter",
+            "Requests served on the socket.",
+            vec![(
+                String::new(),
+                self.requests.load(Ordering::Relaxed).to_string(),
+            )],
+        );
+        metric(
+            "imds_agent_denied_connections_total",
+            "counter",
+            "Connections refused by the allow-list.",
+            vec![(
+                String::new(),
+                self.denied.load(Ordering::Relaxed).to_string(),
+            )],
+        );
+        metric(
+            "imds_agent_output_failures_total",
+            "counter",
+            "Failed writes to outputs.",
+            vec![(
+                String::new(),
+                self.sink_failures.load(Ordering::Relaxed).to_string(),
+            )],
+        );
+        out
+    }
+}

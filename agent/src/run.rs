@@ -1,0 +1,166 @@
+//! `imds-agent run`: from flags to a running daemon.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use imds_client::config::EndpointMode;
+use imds_client::{ImdsClient, ImdsCredentialsProvider, SharedTimeSource};
+use tokio::net::UnixListener;
+
+use crate::cli::RunArgs;
+use crate::daemon::{DaemonConfig, run as run_daemon};
+use crate::metrics::Metrics;
+use crate::server::{AccessPolicy, ServerLimits};
+use crate::sink::{CredentialsFileSink, FileOptions, JsonFileSink, Sink};
+
+/// Checks the flags before anything starts.
+pub fn validate(args: &RunArgs) -> anyhow::Result<()> {
+    if args.credentials_file.is_none() && args.json_file.is_none() && args.socket.is_none() {
+        bail!("give at least one output: --credentials-file, --json-file or --socket");
+    }
+    if let (Some(a), Some(b)) = (&args.credentials_file, &args.json_file)
+        && a == b
+    {
+        bail!("--credentials-file and --json-file must be different files");
+    }
+    if args.imds_endpoint.is_some() && args.imds_endpoint_mode.is_some() {
+        bail!("give --imds-endpoint or --imds-endpoint-mode, not both");
+    }
+    Ok(())
+}
+
+/// Builds the IMDS client and the provider from the flags.
+pub fn provider(args: &RunArgs) -> anyhow::Result<ImdsCredentialsProvider> {
+    let mut builder = ImdsClient::builder();
+    if let Some(endpoint) = &args.imds_endpoint {
+        builder = builder.endpoint(endpoint).context("--imds-endpoint")?;
+    }
+    if let Some(mode) = &args.imds_endpoint_mode {
+        builder = builder.endpoint_mode(EndpointMode::parse(mode, "--imds-endpoint-mode")?);
+    }
+    if let Some(t) = args.connect_timeout {
+        builder = builder.connect_timeout(seconds(t, "--connect-timeout")?);
+    }
+    if let Some(t) = args.read_timeout {
+        builder = builder.read_timeout(seconds(t, "--read-timeout")?);
+    }
+    if let Some(n) = args.attempts {
+        builder = builder.max_attempts(n);
+    }
+    let client = builder.build().context("configuring the IMDS client")?;
+    let mut provider = ImdsCredentialsProvider::builder().source(client);
+    if let Some(window) = args.refresh_window {
+        provider = provider.advisory_refresh_window(Duration::from_secs(window));
+    }
+    Ok(provider.build())
+}
+
+fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
+    if !value.is_finite() || value <= 0.0 || value > 3600.0 {
+        bail!("{flag} must be a number of seconds between 0 and 3600");
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+/// The file outputs the flags ask for.
+pub fn sinks(args: &RunArgs) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
+    let options = FileOptions {
+        mode: args.file_mode,
+        owner: args.file_owner,
+        group: args.file_group,
+        in_place: false,
+    };
+    let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
+    if let Some(path) = &args.credentials_file {
+        sinks.push(Arc::new(CredentialsFileSink::new(
+            path.clone(),
+            args.profile.clone(),
+            options,
+        )?));
+    }
+    if let Some(path) = &args.json_file {
+        sinks.push(Arc::new(JsonFileSink::new(path.clone(), options)?));
+    }
+    Ok(sinks)
+}
+
+/// Binds the socket: a stale socket file is replaced, anything else at the
+/// path is an error; the mode and group are set before anyone can connect.
+pub fn bind_socket(path: &Path, mode: u32, group: Option<u32>) -> anyhow::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))?;
+        }
+        Ok(_) => bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        ),
+        Err(_) => {}
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the socket {}", path.display()))?;
+    if group.is_some() {
+        std::os::unix::fs::chown(path, None, group)
+            .with_context(|| format!("setting the group of {}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Runs the agent until `shutdown`.
+pub async fn run(
+    args: RunArgs,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    validate(&args)?;
+    let provider = provider(&args)?;
+    let sinks = sinks(&args)?;
+    let listener = match &args.socket {
+        Some(path) => Some(bind_socket(path, args.socket_mode, args.socket_group)?),
+        None => None,
+    };
+    tracing::info!(
+        credentials_file = ?args.credentials_file,
+        json_file = ?args.json_file,
+        socket = ?args.socket,
+        poll_interval_seconds = args.poll_interval,
+        "imds-agent starting"
+    );
+    let config = DaemonConfig {
+        poll_interval: Duration::from_secs(args.poll_interval),
+        access: AccessPolicy {
+            uids: args.allow_uid.clone(),
+            gids: args.allow_gid.clone(),
+        },
+        limits: ServerLimits::default(),
+        clock: SharedTimeSource::default(),
+    };
+    let result = run_daemon(
+        provider,
+        sinks,
+        listener,
+        config,
+        Arc::new(Metrics::default()),
+        shutdown,
+    )
+    .await;
+    if let Some(path) = &args.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
