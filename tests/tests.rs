@@ -5,6 +5,7 @@
 
 #![allow(missing_docs)]
 
+mod agent_run;
 mod macros;
 mod mock_imds;
 mod util;

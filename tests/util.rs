@@ -9,7 +9,7 @@ use rustix::process::{Pid, Signal, kill_process};
 /// The `imds-agent` binary cargo built for these tests.
 pub(crate) fn agent() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_imds-agent"));
-    cmd.env_remove("RUST_LOG").env("IMDS_AGENT_LOG", "info");
+    cmd.env_remove("RUST_LOG").env("IMDS_AGENT_LOG", "warn");
     cmd
 }
 
@@ -29,6 +29,11 @@ impl Running {
             .expect("starting imds-agent");
         let stdout = BufReader::new(child.stdout.take().unwrap());
         Self { child, stdout }
+    }
+
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The next line of standard output.
@@ -58,4 +63,35 @@ impl Drop for Running {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One HTTP/1.1 GET over a Unix socket: (status, body).
+pub(crate) fn unix_get(socket: &std::path::Path, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
+/// Waits (real time, bounded) until `check` holds; panics with `what` if it never does.
+pub(crate) fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after 10 s waiting for {what}");
 }
