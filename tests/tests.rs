@@ -6,6 +6,8 @@
 #![allow(missing_docs)]
 
 mod agent_run;
+mod demo;
 mod macros;
 mod mock_imds;
+mod rotation;
 mod util;
