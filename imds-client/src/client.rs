@@ -16,7 +16,7 @@ use backon::{ExponentialBuilder, Retryable};
 use reqwest::{Method, StatusCode};
 use tokio::time::Instant;
 
-use crate::config::{EndpointMode, Env, invalid, parse_bool};
+use crate::config::{EndpointMode, Env, ProfileKeys, invalid, parse_bool};
 use crate::credentials::Credentials;
 use crate::error::{Error, ErrorKind};
 use crate::provider::{BoxFuture, CredentialsSource, FetchedCredentials};
@@ -161,21 +161,33 @@ impl ImdsClientBuilder {
     /// Resolves every setting and builds the client. No I/O happens here.
     pub fn build(self) -> Result<ImdsClient, Error> {
         let env = &self.env;
+        let file = ProfileKeys::load(env);
+        // Environment first, then the shared config file; the name reported in
+        // errors is the one the value came from.
+        let setting = |var: &'static str, key: &'static str| -> Option<(String, &'static str)> {
+            env.get(var)
+                .map(|v| (v, var))
+                .or_else(|| file.get(key).map(|v| (v, key)))
+        };
         let disabled = match env.get("AWS_EC2_METADATA_DISABLED") {
             Some(v) => parse_bool(&v, "AWS_EC2_METADATA_DISABLED")?,
             None => false,
         };
         let endpoint = match self.endpoint {
             Some(endpoint) => endpoint,
-            None => match env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") {
-                Some(v) => validate_endpoint(&v, "AWS_EC2_METADATA_SERVICE_ENDPOINT")?,
+            None => match setting(
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+                "ec2_metadata_service_endpoint",
+            ) {
+                Some((v, name)) => validate_endpoint(&v, name)?,
                 None => {
                     let mode = match self.endpoint_mode {
                         Some(mode) => mode,
-                        None => match env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE") {
-                            Some(v) => {
-                                EndpointMode::parse(&v, "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE")?
-                            }
+                        None => match setting(
+                            "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE",
+                            "ec2_metadata_service_endpoint_mode",
+                        ) {
+                            Some((v, name)) => EndpointMode::parse(&v, name)?,
                             None => EndpointMode::default(),
                         },
                     };
@@ -183,8 +195,9 @@ impl ImdsClientBuilder {
                 }
             },
         };
-        let env_timeout = match env.get("AWS_METADATA_SERVICE_TIMEOUT") {
-            Some(v) => Some(
+        let env_timeout = match setting("AWS_METADATA_SERVICE_TIMEOUT", "metadata_service_timeout")
+        {
+            Some((v, name)) => Some(
                 v.trim()
                     .parse::<f64>()
                     .ok()
@@ -192,7 +205,7 @@ impl ImdsClientBuilder {
                     .map(Duration::from_secs_f64)
                     .ok_or_else(|| {
                         invalid(
-                            "AWS_METADATA_SERVICE_TIMEOUT",
+                            name,
                             format!("expected a positive number of seconds, got {v:?}"),
                         )
                     })?,
@@ -201,13 +214,14 @@ impl ImdsClientBuilder {
         };
         let max_attempts = match self.max_attempts {
             Some(n) => n,
-            None => match env.get("AWS_METADATA_SERVICE_NUM_ATTEMPTS") {
-                Some(v) => v.trim().parse::<u32>().map_err(|_| {
-                    invalid(
-                        "AWS_METADATA_SERVICE_NUM_ATTEMPTS",
-                        format!("expected a whole number, got {v:?}"),
-                    )
-                })?,
+            None => match setting(
+                "AWS_METADATA_SERVICE_NUM_ATTEMPTS",
+                "metadata_service_num_attempts",
+            ) {
+                Some((v, name)) => v
+                    .trim()
+                    .parse::<u32>()
+                    .map_err(|_| invalid(name, format!("expected a whole number, got {v:?}")))?,
                 None => DEFAULT_MAX_ATTEMPTS,
             },
         };
@@ -221,8 +235,9 @@ impl ImdsClientBuilder {
                 "must be a whole number of seconds from 1 to 21600",
             ));
         }
-        let v1_disabled = match env.get("AWS_EC2_METADATA_V1_DISABLED") {
-            Some(v) => parse_bool(&v, "AWS_EC2_METADATA_V1_DISABLED")?,
+        let v1_disabled = match setting("AWS_EC2_METADATA_V1_DISABLED", "ec2_metadata_v1_disabled")
+        {
+            Some((v, name)) => parse_bool(&v, name)?,
             None => false,
         };
         let profile_name = self

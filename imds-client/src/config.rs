@@ -3,20 +3,21 @@
 //! Each setting is resolved in this order (the AWS SDKs' precedence):
 //! 1. the value given to [`ImdsClientBuilder`](crate::client::ImdsClientBuilder);
 //! 2. the standard environment variable, read through [`Env`];
-//! 3. the built-in default (the `DEFAULT_*` constants).
+//! 3. the key in the shared config file (`AWS_CONFIG_FILE`, else
+//!    `~/.aws/config`), in the profile named by `AWS_PROFILE` (else `default`);
+//! 4. the built-in default (the `DEFAULT_*` constants).
 //!
-//! | setting | environment variable |
-//! |---|---|
-//! | IMDS disabled (no I/O at all) | `AWS_EC2_METADATA_DISABLED` |
-//! | endpoint | `AWS_EC2_METADATA_SERVICE_ENDPOINT` |
-//! | endpoint mode (`IPv4`, `IPv6`, any case) | `AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE` |
-//! | IMDSv1 fallback forbidden | `AWS_EC2_METADATA_V1_DISABLED` |
-//! | timeout, seconds | `AWS_METADATA_SERVICE_TIMEOUT` |
-//! | attempts | `AWS_METADATA_SERVICE_NUM_ATTEMPTS` |
-//! | role name (skips discovery) | `AWS_EC2_INSTANCE_PROFILE_NAME` |
+//! | setting | environment variable | config file key |
+//! |---|---|---|
+//! | IMDS disabled (no I/O at all) | `AWS_EC2_METADATA_DISABLED` | |
+//! | endpoint | `AWS_EC2_METADATA_SERVICE_ENDPOINT` | `ec2_metadata_service_endpoint` |
+//! | endpoint mode (`IPv4`, `IPv6`, any case) | `AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE` | `ec2_metadata_service_endpoint_mode` |
+//! | IMDSv1 fallback forbidden | `AWS_EC2_METADATA_V1_DISABLED` | `ec2_metadata_v1_disabled` |
+//! | timeout, seconds | `AWS_METADATA_SERVICE_TIMEOUT` | `metadata_service_timeout` |
+//! | attempts | `AWS_METADATA_SERVICE_NUM_ATTEMPTS` | `metadata_service_num_attempts` |
+//! | role name (skips discovery) | `AWS_EC2_INSTANCE_PROFILE_NAME` | |
 //!
-//! The shared config file keys (`ec2_metadata_service_endpoint`, ...) are not
-//! read yet.
+//! An endpoint (from any source) wins over an endpoint mode.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,6 +56,55 @@ impl Env {
             Some(map) => map.get(key).cloned(),
             None => std::env::var(key).ok(),
         }
+    }
+}
+
+/// The keys of one profile of the shared config file.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ProfileKeys(HashMap<String, String>);
+
+impl ProfileKeys {
+    /// Reads the profile `AWS_PROFILE` (else `default`) from `AWS_CONFIG_FILE`
+    /// (else `$HOME/.aws/config`). A missing file is an empty profile.
+    pub(crate) fn load(env: &Env) -> Self {
+        let path = env
+            .get("AWS_CONFIG_FILE")
+            .or_else(|| env.get("HOME").map(|home| format!("{home}/.aws/config")));
+        let profile = env.get("AWS_PROFILE").unwrap_or_else(|| "default".into());
+        match path.and_then(|p| std::fs::read_to_string(p).ok()) {
+            Some(text) => Self::parse(&text, &profile),
+            None => Self::default(),
+        }
+    }
+
+    /// The keys of `[profile]` (or `[profile NAME]`; `[default]` for default).
+    pub(crate) fn parse(text: &str, profile: &str) -> Self {
+        let mut keys = HashMap::new();
+        let mut in_ours = false;
+        for line in text.lines() {
+            let line = line.trim();
+            if line.starts_with('#') || line.starts_with(';') || line.is_empty() {
+                continue;
+            }
+            if let Some(header) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+                let header = header.trim();
+                let name = header
+                    .strip_prefix("profile ")
+                    .map(str::trim)
+                    .unwrap_or(header);
+                in_ours = name == profile;
+                continue;
+            }
+            if in_ours && let Some((k, v)) = line.split_once('=') {
+                keys.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+            }
+        }
+        Self(keys)
+    }
+
+    /// A key's value, if set.
+    pub(crate) fn get(&self, key: &str) -> Option<String> {
+        self.0.get(key).cloned()
     }
 }
 

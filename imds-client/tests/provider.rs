@@ -22,6 +22,8 @@ struct Fake {
     role_calls: Arc<AtomicUsize>,
     cred_calls: Arc<AtomicUsize>,
     delay: Duration,
+    /// When set, responses carry a `Date` this far ahead of this clock.
+    server_ahead: Option<(ManualTimeSource, Duration)>,
 }
 
 impl Fake {
@@ -32,6 +34,7 @@ impl Fake {
             role_calls: Arc::default(),
             cred_calls: Arc::default(),
             delay: Duration::from_millis(10),
+            server_ahead: None,
         }
     }
     fn set_creds(&self, creds: Result<Credentials, ErrorKind>) {
@@ -74,7 +77,10 @@ impl CredentialsSource for Fake {
                 .clone()
                 .map(|credentials| FetchedCredentials {
                     credentials,
-                    server_time: None,
+                    server_time: self
+                        .server_ahead
+                        .as_ref()
+                        .map(|(clock, ahead)| clock.now() + *ahead),
                 })
                 .map_err(Error::new)
         })
@@ -338,4 +344,31 @@ async fn invalidate_forces_a_refresh() {
         provider.credentials().await.unwrap().access_key_id(),
         "AKID2"
     );
+}
+
+#[tokio::test(start_paused = true)]
+#[tracing_test::traced_test]
+async fn refreshes_are_scheduled_on_imds_time_when_the_local_clock_is_behind() {
+    // The local clock is 25 minutes behind IMDS.
+    let clock = ManualTimeSource::new(start());
+    let server_start = start() + 25 * MINUTE;
+    let mut fake = Fake::new("r", creds("AKID1", server_start, HOUR));
+    fake.server_ahead = Some((clock.clone(), 25 * MINUTE));
+    let provider = provider(&fake, &clock);
+    provider.credentials().await.unwrap();
+    assert!(
+        logs_contain("differs from IMDS"),
+        "a skew warning is logged"
+    );
+
+    // 45 minutes on: local time says 40 minutes remain (outside the
+    // 20-minute advisory window), IMDS time says 15: a refresh must start.
+    fake.set_creds(Ok(creds("AKID2", server_start + 45 * MINUTE, HOUR)));
+    advance(&clock, 45 * MINUTE).await;
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKID1"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(fake.calls(), (2, 2), "refreshed on IMDS time");
 }
