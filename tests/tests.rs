@@ -7,6 +7,7 @@
 
 mod agent_run;
 mod demo;
+mod hostile;
 mod macros;
 mod mock_imds;
 mod rotation;

@@ -31,6 +31,11 @@ impl Running {
         Self { child, stdout }
     }
 
+    /// The exit status, if the process has exited.
+    pub(crate) fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     /// The process id.
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()

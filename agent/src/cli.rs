@@ -132,6 +132,11 @@ pub struct RunArgs {
     /// Group (numeric gid) given to the output files, e.g. with --file-mode 0640.
     #[arg(long, env = "IMDS_AGENT_FILE_GROUP", value_name = "GID")]
     pub file_group: Option<u32>,
+    /// Write output files in place instead of replacing them: only for a
+    /// target that is itself a bind-mounted file (rename cannot replace it).
+    /// Risk: a reader may see a partial file while it is written.
+    #[arg(long, env = "IMDS_AGENT_IN_PLACE")]
+    pub in_place: bool,
     /// Mode of the socket file (octal).
     #[arg(long, env = "IMDS_AGENT_SOCKET_MODE", default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,

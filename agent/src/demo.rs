@@ -37,6 +37,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         file_mode: 0o600,
         file_owner: None,
         file_group: None,
+        in_place: false,
         socket_mode: 0o600,
         socket_group: None,
         allow_uid: Vec::new(),

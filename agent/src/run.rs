@@ -71,7 +71,7 @@ pub fn sinks(args: &RunArgs) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
         mode: args.file_mode,
         owner: args.file_owner,
         group: args.file_group,
-        in_place: false,
+        in_place: args.in_place,
     };
     let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
     if let Some(path) = &args.credentials_file {

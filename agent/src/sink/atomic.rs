@@ -271,6 +271,62 @@ mod tests {
     }
 
     #[test]
+    fn writers_are_serialised_by_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file");
+        fs::write(&path, "a person's edit\n").unwrap();
+        // Someone else (a person's script, another agent) holds the lock.
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.path().join(".file.lock"))
+            .unwrap();
+        flock(&lock, FlockOperation::LockExclusive).unwrap();
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                update_file(&path, &FileOptions::default(), |old| {
+                    Ok(Some(format!("{}ours\n", old.unwrap_or(""))))
+                })
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!writer.is_finished(), "the writer waits for the lock");
+        // The holder edits the file, then releases: the writer merges with that edit.
+        fs::write(&path, "a later edit\n").unwrap();
+        flock(&lock, FlockOperation::Unlock).unwrap();
+        writer.join().unwrap().unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "a later edit\nours\n");
+    }
+
+    #[test]
+    fn in_place_mode_rewrites_the_same_inode() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file");
+        fs::write(&path, "old").unwrap();
+        let inode = fs::metadata(&path).unwrap().ino();
+        let options = FileOptions {
+            in_place: true,
+            ..FileOptions::default()
+        };
+        update_file(&path, &options, |_| Ok(Some("new".into()))).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "new");
+        assert_eq!(
+            fs::metadata(&path).unwrap().ino(),
+            inode,
+            "a bind-mounted file keeps working"
+        );
+        update_file(&path, &FileOptions::default(), |_| Ok(Some("newer".into()))).unwrap();
+        assert_ne!(
+            fs::metadata(&path).unwrap().ino(),
+            inode,
+            "the default replaces the inode"
+        );
+    }
+
+    #[test]
     fn a_symlinked_target_keeps_its_link_and_the_real_file_is_replaced() {
         let dir = tempfile::tempdir().unwrap();
         let real = dir.path().join("real");
