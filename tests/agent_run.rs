@@ -281,3 +281,54 @@ async fn aws_sdk_reads_our_file_and_runs_our_credential_process() {
     eqnice!(Some(issued.session_token()), from_process.session_token());
     assert!(running.stop_with(Signal::TERM).success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn imds_unreachable_at_start_keeps_the_agent_waiting_not_exiting() {
+    // A loopback port where nothing listens yet (early boot).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let setup = Setup::new();
+    let mut cmd = agent();
+    cmd.arg("run")
+        .arg("--imds-endpoint")
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg("--credentials-file")
+        .arg(setup.path("credentials"))
+        .arg("--socket")
+        .arg(setup.path("agent.sock"))
+        .args(["--poll-interval", "1"]);
+    let mut running = Running::start(cmd);
+    let socket = setup.path("agent.sock");
+    wait_for("an unavailable health report", || {
+        unix_get(&socket, "/healthz").is_ok_and(|(s, b)| s == 503 && b.contains("unavailable"))
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        running.try_status().is_none(),
+        "the agent must keep running"
+    );
+
+    // IMDS comes up: the agent delivers (the client remembers an unreachable
+    // endpoint for 30 s, so this takes up to about half a minute).
+    let imds = MockImds::builder()
+        .role("late-role")
+        .listen(([127, 0, 0, 1], port).into())
+        .start()
+        .await
+        .unwrap();
+    let issued = imds.current_credentials().unwrap();
+    for _ in 0..40 {
+        if key_in_file(&setup.path("credentials")).as_deref() == Some(issued.access_key_id()) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    eqnice!(
+        Some(issued.access_key_id().to_owned()),
+        key_in_file(&setup.path("credentials"))
+    );
+    assert!(running.stop_with(Signal::TERM).success());
+}

@@ -327,6 +327,25 @@ mod tests {
     }
 
     #[test]
+    fn owner_and_group_are_applied() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: changing a file's group to an arbitrary gid needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file");
+        let options = FileOptions {
+            group: Some(65534),
+            ..FileOptions::group_readable()
+        };
+        update_file(&path, &options, |_| Ok(Some("x".into()))).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(meta.gid(), 65534);
+        assert_eq!(meta.mode() & 0o777, 0o640);
+    }
+
+    #[test]
     fn a_symlinked_target_keeps_its_link_and_the_real_file_is_replaced() {
         let dir = tempfile::tempdir().unwrap();
         let real = dir.path().join("real");
