@@ -36,6 +36,11 @@ impl Env {
         Self::default()
     }
 
+    /// An environment with nothing set (and so no shared config file either).
+    pub fn empty() -> Self {
+        Self::from_pairs::<String, String>([])
+    }
+
     /// A fixed environment holding only `pairs`.
     pub fn from_pairs<K: Into<String>, V: Into<String>>(
         pairs: impl IntoIterator<Item = (K, V)>,

@@ -14,7 +14,7 @@ const LIST: &str = "/latest/meta-data/iam/security-credentials/";
 
 fn client(imds: &MockImds) -> ImdsClient {
     ImdsClient::builder()
-        .env(Env::from_pairs::<&str, &str>([]))
+        .env(Env::empty())
         .endpoint(imds.endpoint())
         .unwrap()
         .build()
@@ -48,7 +48,7 @@ async fn a_rejected_token_is_replaced_once() {
         .await
         .unwrap();
     let client = ImdsClient::builder()
-        .env(Env::from_pairs::<&str, &str>([]))
+        .env(Env::empty())
         .endpoint(imds.endpoint())
         .unwrap()
         .token_ttl(Duration::from_secs(600))
@@ -205,7 +205,7 @@ async fn nothing_listening_fails_fast_and_is_remembered() {
         listener.local_addr().unwrap().port()
     };
     let client = ImdsClient::builder()
-        .env(Env::from_pairs::<&str, &str>([]))
+        .env(Env::empty())
         .endpoint(format!("http://127.0.0.1:{port}"))
         .unwrap()
         .build()
@@ -228,7 +228,7 @@ async fn a_token_request_that_never_answers_names_the_hop_limit() {
     let imds = MockImds::builder().role("r").start().await.unwrap();
     imds.inject(Fault::TokenBlackhole, FaultDuration::Forever);
     let client = ImdsClient::builder()
-        .env(Env::from_pairs::<&str, &str>([]))
+        .env(Env::empty())
         .endpoint(imds.endpoint())
         .unwrap()
         .read_timeout(Duration::from_millis(200))
@@ -272,7 +272,7 @@ async fn imdsv1_fallback_only_when_enabled_and_not_disabled_by_setting() {
         &ErrorKind::TokenRejected { status: 403 }
     );
     let lenient = ImdsClient::builder()
-        .env(Env::from_pairs::<&str, &str>([]))
+        .env(Env::empty())
         .endpoint(imds.endpoint())
         .unwrap()
         .imdsv1_fallback(true)
@@ -318,7 +318,7 @@ async fn oversized_answers_are_refused() {
         }
     });
     let client = ImdsClient::builder()
-        .env(Env::from_pairs::<&str, &str>([]))
+        .env(Env::empty())
         .endpoint(format!("http://{addr}"))
         .unwrap()
         .build()
@@ -373,10 +373,7 @@ fn settings_follow_builder_then_environment_then_defaults() {
         .build()
         .unwrap();
     assert_eq!(mode.endpoint(), "http://[fd00:ec2::254]");
-    let default = ImdsClient::builder()
-        .env(Env::from_pairs::<&str, &str>([]))
-        .build()
-        .unwrap();
+    let default = ImdsClient::builder().env(Env::empty()).build().unwrap();
     assert_eq!(default.endpoint(), "http://169.254.169.254");
 
     for (key, value) in [
@@ -394,7 +391,7 @@ fn settings_follow_builder_then_environment_then_defaults() {
     }
     for ttl in [0, 21_601] {
         let err = ImdsClient::builder()
-            .env(Env::from_pairs::<&str, &str>([]))
+            .env(Env::empty())
             .token_ttl(Duration::from_secs(ttl))
             .build()
             .unwrap_err();

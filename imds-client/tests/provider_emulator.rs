@@ -9,7 +9,7 @@ use imds_client::{ErrorKind, ImdsClient, ImdsCredentialsProvider};
 
 fn provider_for(imds: &MockImds) -> ImdsCredentialsProvider {
     let client = ImdsClient::builder()
-        .env(Env::from_pairs::<&str, &str>([]))
+        .env(Env::empty())
         .endpoint(imds.endpoint())
         .unwrap()
         .build()

@@ -51,7 +51,7 @@ async fn requests_name_the_crate_skip_proxies_and_carry_no_forwarding_header() {
         }
     });
     let client = ImdsClient::builder()
-        .env(Env::from_pairs::<&str, &str>([]))
+        .env(Env::empty())
         .endpoint(format!("http://{addr}"))
         .unwrap()
         .build()
