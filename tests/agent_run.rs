@@ -180,6 +180,14 @@ async fn an_outage_keeps_the_last_good_credentials_and_recovers() {
     let (status, body) = unix_get(&socket, "/credentials").unwrap();
     eqnice!(200, status);
     assert!(body.contains(good.access_key_id()));
+    let (status, health) = unix_get(&socket, "/healthz").unwrap();
+    eqnice!(200, status);
+    assert!(health.contains("degraded"), "{health}");
+    let (_, metrics) = unix_get(&socket, "/metrics").unwrap();
+    assert!(
+        metrics.contains("imds_agent_refresh_failures_total{kind=\"ServerError\"}"),
+        "{metrics}"
+    );
 
     imds.clear_faults();
     // A SIGHUP makes the agent ask at once.

@@ -74,11 +74,13 @@ pub async fn run(
         tokio::select! {
             () = &mut shutdown => break,
             _ = ticker.tick() => {
-                record(&metrics, provider.poll().await, &config.clock);
+                let result = provider.poll().await;
+                record(&metrics, result, &provider, &config.clock);
             }
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: refreshing credentials now");
-                record(&metrics, provider.refresh_now().await, &config.clock);
+                let result = provider.refresh_now().await;
+                record(&metrics, result, &provider, &config.clock);
             }
             changed = state.changed() => {
                 if changed.is_err() { break; }
@@ -97,22 +99,35 @@ pub async fn run(
     Ok(())
 }
 
+/// Counts a poll or refresh: a failure when it failed, or when it succeeded
+/// only by serving cached credentials because IMDS failed.
 fn record(
     metrics: &Metrics,
     result: Result<RoleCredentials, imds_client::Error>,
+    provider: &ImdsCredentialsProvider,
     clock: &SharedTimeSource,
 ) {
-    match result {
-        Ok(_) => metrics.refreshed(clock.now()),
-        Err(e) => {
-            let kind = format!("{:?}", e.kind());
-            let kind = kind
-                .split([' ', '{', '('])
-                .next()
-                .unwrap_or("Other")
-                .to_owned();
-            metrics.failed(&kind);
-        }
+    let kind_of = |e: &imds_client::Error| {
+        let kind = format!("{:?}", e.kind());
+        kind.split([' ', '{', '('])
+            .next()
+            .unwrap_or("Other")
+            .to_owned()
+    };
+    let failure = match (&result, &*provider.subscribe().borrow()) {
+        (Err(e), _) => Some(kind_of(e)),
+        (
+            Ok(_),
+            ProviderState::Active {
+                last_error: Some(e),
+                ..
+            },
+        ) => Some(kind_of(e)),
+        _ => None,
+    };
+    match failure {
+        Some(kind) => metrics.failed(&kind),
+        None => metrics.refreshed(clock.now()),
     }
 }
 

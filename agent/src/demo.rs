@@ -8,10 +8,11 @@ use anyhow::Context;
 use imds_client::mock::MockImds;
 
 use crate::cli::{DemoArgs, RunArgs};
-use crate::signals::shutdown_signal;
+use crate::signals::shutdown_signals;
 
 /// Runs the demo until Ctrl-C/SIGTERM or `--duration`.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let signals = shutdown_signals()?;
     let dir = args.dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("imds-agent-demo-{}", std::process::id()))
     });
@@ -86,12 +87,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             Some(seconds) => {
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(seconds)) => {}
-                    _ = shutdown_signal() => {}
+                    () = signals => {}
                 }
             }
-            None => {
-                let _ = shutdown_signal().await;
-            }
+            None => signals.await,
         }
     };
     let result = crate::run::run(run_args, stop).await;

@@ -32,12 +32,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::MockImds(args) => imds_agent::mock_imds::run(args).await,
             Command::Run(args) => {
                 imds_agent::run::validate(&args)?;
-                imds_agent::run::run(*args, async {
-                    if let Err(e) = imds_agent::signals::shutdown_signal().await {
-                        tracing::error!(cause = format!("{e:#}"), "cannot watch for signals");
-                    }
-                })
-                .await
+                let shutdown = imds_agent::signals::shutdown_signals()?;
+                imds_agent::run::run(*args, shutdown).await
             }
             Command::Demo(args) => imds_agent::demo::run(args).await,
             Command::CredentialProcess(args) => {

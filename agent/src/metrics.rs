@@ -67,7 +67,7 @@ impl Metrics {
         metric(
             "imds_agent_refreshes_total",
             "counter",
-            "Successful credential refreshes.",
+            "Successful checks and refreshes of the role and its credentials.",
             vec![(
                 String::new(),
                 self.refreshes.load(Ordering::Relaxed).to_string(),
@@ -81,7 +81,7 @@ impl Metrics {
         metric(
             "imds_agent_refresh_failures_total",
             "counter",
-            "Failed refreshes by kind.",
+            "Failed checks and refreshes, by error kind.",
             failures
                 .into_iter()
                 .map(|(k, v)| (format!("{{kind=\"{k}\"}}"), v.to_string()))

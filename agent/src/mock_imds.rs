@@ -6,10 +6,11 @@ use anyhow::Context;
 use imds_client::mock::MockImds;
 
 use crate::cli::MockImdsArgs;
-use crate::signals::shutdown_signal;
+use crate::signals::shutdown_signals;
 
 /// Runs the emulator until SIGTERM or SIGINT.
 pub async fn run(args: MockImdsArgs) -> anyhow::Result<()> {
+    let shutdown = shutdown_signals()?;
     let mut builder = MockImds::builder()
         .listen(args.listen)
         .credential_lifetime(Duration::from_secs(args.credential_lifetime))
@@ -31,7 +32,7 @@ pub async fn run(args: MockImdsArgs) -> anyhow::Result<()> {
         ),
     }
     tracing::info!(endpoint = %imds.endpoint(), "IMDS emulator started");
-    shutdown_signal().await?;
+    shutdown.await;
     tracing::info!("stopping the IMDS emulator");
     imds.shutdown().await;
     Ok(())

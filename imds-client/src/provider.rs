@@ -247,16 +247,39 @@ impl ImdsCredentialsProvider {
             return self.load(Reason::Poll).await;
         };
         match self.inner.source.role_name().await {
-            Ok(role) if role == cached.current.role => self.role_credentials().await,
+            Ok(role) if role == cached.current.role => {
+                self.set_health(None);
+                self.role_credentials().await
+            }
             Ok(_) => self.load_or_keep(cached, Reason::Poll).await,
             Err(e) if e.is_transient() => {
-                tracing::debug!(error = %e, "role check failed; keeping current credentials");
+                tracing::warn!(error = %e, hint = e.hint().unwrap_or(""), "role check failed; keeping the current credentials");
+                self.set_health(Some(e));
                 self.role_credentials().await
             }
             // No role any more, or a configuration failure: reload, which
             // withdraws the credentials and publishes the state.
             Err(_) => self.load(Reason::Poll).await,
         }
+    }
+
+    /// Records whether IMDS is answering, for subscribers: a failing IMDS
+    /// while the cached credentials are valid is `Active` with `last_error`.
+    fn set_health(&self, error: Option<Error>) {
+        let state = {
+            let mut cache = self.inner.cache.write().unwrap_or_else(|e| e.into_inner());
+            let Some(cached) = cache.as_mut() else { return };
+            let now = shift(self.inner.clock.now(), cached.skew_secs);
+            if cached.current.credentials.expiration() <= now {
+                return;
+            }
+            cached.last_error = error.clone();
+            ProviderState::Active {
+                current: cached.current.clone(),
+                last_error: error,
+            }
+        };
+        self.publish(state);
     }
 
     /// Marks the cached credentials as unusable (an AWS service answered

@@ -372,3 +372,38 @@ async fn refreshes_are_scheduled_on_imds_time_when_the_local_clock_is_behind() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(fake.calls(), (2, 2), "refreshed on IMDS time");
 }
+
+#[tokio::test(start_paused = true)]
+async fn by_default_six_hour_credentials_are_replaced_with_more_than_fifteen_minutes_left() {
+    // botocore and the Java SDK start refreshing 15 minutes before expiry;
+    // handing out less makes every client call refetch.
+    let clock = ManualTimeSource::new(start());
+    let fake = Fake::new("r", creds("AKID1", start(), 6 * HOUR));
+    let provider = ImdsCredentialsProvider::builder()
+        .source(fake.clone())
+        .time_source(SharedTimeSource::new(clock.clone()))
+        .build();
+    provider.credentials().await.unwrap();
+    fake.set_creds(Ok(creds("AKID2", start() + 5 * HOUR, 6 * HOUR)));
+    // 24 minutes before expiry is inside the default advisory window whatever
+    // the jitter (30 minutes less up to 20 %).
+    advance(&clock, 6 * HOUR - 24 * MINUTE).await;
+    provider.credentials().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKID2"
+    );
+    // ...and 31 minutes before expiry is outside it.
+    let fresh = Fake::new("r", creds("AKID1", start(), 6 * HOUR));
+    let clock = ManualTimeSource::new(start());
+    let provider = ImdsCredentialsProvider::builder()
+        .source(fresh.clone())
+        .time_source(SharedTimeSource::new(clock.clone()))
+        .build();
+    provider.credentials().await.unwrap();
+    advance(&clock, 6 * HOUR - 31 * MINUTE).await;
+    provider.credentials().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(fresh.calls(), (1, 1));
+}
