@@ -10,5 +10,6 @@ mod demo;
 mod hostile;
 mod macros;
 mod mock_imds;
+mod notify;
 mod rotation;
 mod util;

@@ -69,6 +69,8 @@ pub async fn run(
     let mut ticker = tokio::time::interval(config.poll_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut published = Published::Nothing;
+    let notifier = crate::notify::Notifier::from_env()?;
+    let mut last_status = None::<String>;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -89,9 +91,31 @@ pub async fn run(
         // Idempotent: unchanged state writes nothing; a failed write is
         // retried after the next event (at the latest the next poll tick).
         let current = state.borrow_and_update().clone();
-        fan_out(&current, &sinks, &mut published, &metrics).await;
+        if fan_out(&current, &sinks, &mut published, &metrics).await {
+            let status = match &current {
+                ProviderState::Active { current, .. } => Some(format!(
+                    "STATUS=serving credentials of role {}, expiring {}",
+                    current.role,
+                    current.credentials.expiration_rfc3339()
+                )),
+                ProviderState::NoRole => {
+                    Some("STATUS=no IAM role attached; watching for one".to_owned())
+                }
+                _ => None,
+            };
+            if let Some(status) = status.filter(|s| last_status.as_ref() != Some(s)) {
+                // The first known state makes the service ready.
+                let message = match last_status {
+                    None => format!("READY=1\n{status}"),
+                    Some(_) => status.clone(),
+                };
+                notifier.send(&message);
+                last_status = Some(status);
+            }
+        }
     }
     tracing::info!("shutting down");
+    notifier.send("STOPPING=1");
     let _ = stop_tx.send(true);
     if let Some(server) = server {
         let _ = server.await;

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod format;
 pub mod metrics;
 pub mod mock_imds;
+pub mod notify;
 pub mod run;
 pub mod server;
 pub mod signals;
