@@ -319,3 +319,39 @@ mod tests {
         assert_eq!(sdk.account_id().map(|a| a.as_str()), Some("123456789012"));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever IMDS sends, parsing returns a value or a typed error.
+        #[test]
+        fn parsing_never_panics_on_any_bytes(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Credentials::from_imds_json(&body);
+        }
+
+        #[test]
+        fn parsing_never_panics_on_json_shaped_input(
+            code in prop_oneof![Just("Success".to_owned()), "[A-Za-z]{0,12}"],
+            key in "[ -~]{0,24}",
+            expiration in prop_oneof![Just("2026-11-28T18:00:00Z".to_owned()), "[ -~]{0,24}"],
+            drop_field in 0usize..6,
+        ) {
+            let mut fields = vec![
+                format!("\"Code\":{}", serde_json::to_string(&code).unwrap()),
+                format!("\"AccessKeyId\":{}", serde_json::to_string(&key).unwrap()),
+                "\"SecretAccessKey\":\"s\"".to_owned(),
+                "\"Token\":\"t\"".to_owned(),
+                format!("\"Expiration\":{}", serde_json::to_string(&expiration).unwrap()),
+            ];
+            if drop_field < fields.len() { fields.remove(drop_field); }
+            let body = format!("{{{}}}", fields.join(","));
+            match Credentials::from_imds_json(body.as_bytes()) {
+                Ok(c) => prop_assert!(!c.access_key_id().trim().is_empty()),
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
+}
