@@ -86,6 +86,10 @@ async fn token_requests_follow_imdsv2_rules() {
         put_token(&imds, "/2021-03-23/api/token", Some("60"), false).await,
         StatusCode::FORBIDDEN
     );
+    assert_eq!(
+        put_token(&imds, "/latest/api/token/", Some("60"), false).await,
+        StatusCode::FORBIDDEN
+    );
     let (status, body) = get(&imds, TOKEN_PATH, None).await;
     assert_ne!(
         status,

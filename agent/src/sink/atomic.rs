@@ -66,19 +66,26 @@ pub enum Outcome {
 /// Follows a symlinked target to the real file, so the link stays intact and
 /// the file it names is replaced.
 fn real_target(path: &Path) -> anyhow::Result<PathBuf> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_symlink() => {
-            let target = fs::read_link(path)
-                .with_context(|| format!("reading the link {}", path.display()))?;
-            let target = if target.is_absolute() {
-                target
-            } else {
-                path.parent().unwrap_or(Path::new(".")).join(target)
-            };
-            real_target(&target)
+    const MAX_LINKS: usize = 40;
+    let mut current = path.to_owned();
+    for _ in 0..MAX_LINKS {
+        match fs::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let target = fs::read_link(&current)
+                    .with_context(|| format!("reading the link {}", current.display()))?;
+                current = if target.is_absolute() {
+                    target
+                } else {
+                    current.parent().unwrap_or(Path::new(".")).join(target)
+                };
+            }
+            _ => return Ok(current),
         }
-        _ => Ok(path.to_owned()),
     }
+    bail!(
+        "{} is a chain of more than {MAX_LINKS} symlinks (a loop?)",
+        path.display()
+    )
 }
 
 /// Reads the target under the lock, asks `merge` for the new content (`None`:
@@ -131,6 +138,11 @@ pub fn update_file(
     let wanted = merge(existing.as_deref())?;
     match (existing, wanted) {
         (None, None) => Ok(Outcome::Unchanged),
+        (Some(_), None) if options.in_place => {
+            // A bind-mounted file cannot be removed: empty it instead.
+            write_in_place(&path, b"", options)?;
+            Ok(Outcome::Removed)
+        }
         (Some(_), None) => {
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             sync_dir(&dir)?;
@@ -168,7 +180,13 @@ fn write_replacing(
     bytes: &[u8],
     options: &FileOptions,
 ) -> anyhow::Result<()> {
-    let temp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    // A random suffix: a temp file left by a killed agent (whose pid a
+    // restarted agent may reuse, e.g. as PID 1 in a container) never blocks us.
+    let temp = dir.join(format!(
+        ".{name}.tmp.{}.{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     let result = (|| {
         let mut file = OpenOptions::new()
             .write(true)
@@ -327,6 +345,47 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_temp_file_from_a_killed_writer_does_not_block_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file");
+        fs::write(
+            dir.path().join(format!(".file.tmp.{}", std::process::id())),
+            "debris",
+        )
+        .unwrap();
+        update_file(&path, &FileOptions::default(), |_| Ok(Some("new".into()))).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "new");
+    }
+
+    #[test]
+    fn a_symlink_loop_is_a_clear_error_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        symlink("b", dir.path().join("a")).unwrap();
+        symlink("a", dir.path().join("b")).unwrap();
+        let err = update_file(&dir.path().join("a"), &FileOptions::default(), |_| {
+            Ok(Some("x".into()))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("symlinks"), "{err:#}");
+    }
+
+    #[test]
+    fn in_place_withdraw_empties_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file");
+        fs::write(&path, "secret stuff").unwrap();
+        let options = FileOptions {
+            in_place: true,
+            ..FileOptions::default()
+        };
+        assert_eq!(
+            update_file(&path, &options, |_| Ok(None)).unwrap(),
+            Outcome::Removed
+        );
+        assert_eq!(fs::read_to_string(&path).unwrap(), "");
+    }
+
+    #[test]
     fn owner_and_group_are_applied() {
         if !rustix::process::geteuid().is_root() {
             eprintln!("skipped: changing a file's group to an arbitrary gid needs root");
@@ -369,13 +428,35 @@ mod tests {
     #[test]
     fn a_failed_write_leaves_the_old_file_and_no_temp_file() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("file");
-        fs::write(&path, "old").unwrap();
-        // Make the temp path unusable: a directory stands where it would go.
-        fs::create_dir(dir.path().join(format!(".file.tmp.{}", std::process::id()))).unwrap();
-        let err =
-            update_file(&path, &FileOptions::default(), |_| Ok(Some("new".into()))).unwrap_err();
+        let out = dir.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let path = out.join("file");
+        update_file(&path, &FileOptions::default(), |_| Ok(Some("old".into()))).unwrap();
+        // An immutable directory refuses new files even to root: the write
+        // fails the way a read-only or full file system would make it fail.
+        let chattr = |flag: &str| {
+            std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(&out)
+                .status()
+        };
+        if !chattr("+i").is_ok_and(|s| s.success()) {
+            eprintln!("skipped: chattr +i is not available on this file system");
+            return;
+        }
+        let result = update_file(&path, &FileOptions::default(), |_| Ok(Some("new".into())));
+        assert!(chattr("-i").unwrap().success());
+        let err = result.unwrap_err();
         assert!(format!("{err:#}").contains(".file.tmp"), "{err:#}");
         assert_eq!(fs::read_to_string(&path).unwrap(), "old");
+        let leftovers: Vec<_> = fs::read_dir(&out)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+            .collect();
+        assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+        // Once the fault clears, the next write succeeds.
+        update_file(&path, &FileOptions::default(), |_| Ok(Some("new".into()))).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "new");
     }
 }

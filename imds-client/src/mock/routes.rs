@@ -53,7 +53,7 @@ pub(crate) fn router(shared: Arc<Shared>, stop: CancellationToken) -> Router {
 async fn imds(State(app): State<App>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
     let path = uri.path().to_owned();
     app.shared.count(method.as_str(), &path);
-    let kind = if path.ends_with("/api/token") {
+    let kind = if is_token_path(&path) {
         RequestKind::Token
     } else if path.starts_with(CREDENTIALS_PREFIX) || path.starts_with(EXTENDED_PREFIX) {
         RequestKind::Credentials
@@ -113,7 +113,7 @@ fn handle(
     if !enabled {
         return StatusCode::FORBIDDEN.into_response();
     }
-    if path.ends_with("/api/token") {
+    if is_token_path(path) {
         return token(app, method, path, headers);
     }
     if method != Method::GET && method != Method::HEAD {
@@ -129,13 +129,25 @@ fn handle(
     metadata(app, path, extended, fault)
 }
 
+/// Token paths, including versioned ones and a trailing slash (which real
+/// IMDS refuses with 403 rather than treating as metadata).
+fn is_token_path(path: &str) -> bool {
+    path.trim_end_matches('/').ends_with("/api/token")
+}
+
 fn token(app: &App, method: &Method, path: &str, headers: &HeaderMap) -> Response {
     if method != Method::PUT {
         // Only PUT issues tokens; a GET on the token path is not a token request.
-        return (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, "PUT")]).into_response();
+        // Real IMDS answers `405 Not Allowed` with `Allow: OPTIONS, PUT`.
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, "OPTIONS, PUT")],
+        )
+            .into_response();
     }
     if path != TOKEN_PATH {
-        // Tokens are only issued on the `latest` path; versioned paths are refused.
+        // Tokens are only issued on exactly `/latest/api/token`: versioned
+        // paths and a trailing slash are refused with 403.
         return StatusCode::FORBIDDEN.into_response();
     }
     if headers.contains_key("x-forwarded-for") {
