@@ -6,6 +6,7 @@
 #![allow(missing_docs)]
 
 mod agent_run;
+mod container;
 mod demo;
 mod hostile;
 mod macros;

@@ -123,6 +123,19 @@ pub struct RunArgs {
     /// Serve credentials over HTTP on this Unix socket.
     #[arg(long, env = "IMDS_AGENT_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Serve the container-credentials protocol on this loopback address
+    /// (e.g. 127.0.0.1:8901), for AWS_CONTAINER_CREDENTIALS_FULL_URI.
+    #[arg(long, env = "IMDS_AGENT_CONTAINER_ENDPOINT", value_name = "ADDR")]
+    pub container_endpoint: Option<SocketAddr>,
+    /// The container endpoint's token: read from this file, or generated
+    /// (32 random bytes, hex, mode 0640, no trailing newline) when it does not exist.
+    #[arg(
+        long,
+        env = "IMDS_AGENT_CONTAINER_TOKEN_FILE",
+        default_value = "/run/imds-agent/container-token",
+        value_name = "PATH"
+    )]
+    pub container_token_file: PathBuf,
     /// Mode of the output files (octal); never readable by others.
     #[arg(long, env = "IMDS_AGENT_FILE_MODE", default_value = "0600", value_parser = parse_mode)]
     pub file_mode: u32,

@@ -35,6 +35,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         profile: "default".into(),
         json_file: Some(json.clone()),
         socket: Some(socket.clone()),
+        container_endpoint: None,
+        container_token_file: dir.join("container-token"),
         file_mode: 0o600,
         file_owner: None,
         file_group: None,

@@ -5,6 +5,7 @@
 //! maps errors to exit codes.
 
 pub mod cli;
+pub mod container;
 pub mod credential_process;
 pub mod daemon;
 pub mod demo;

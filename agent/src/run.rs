@@ -18,8 +18,17 @@ use crate::sink::{CredentialsFileSink, FileOptions, JsonFileSink, Sink};
 
 /// Checks the flags before anything starts.
 pub fn validate(args: &RunArgs) -> anyhow::Result<()> {
-    if args.credentials_file.is_none() && args.json_file.is_none() && args.socket.is_none() {
-        bail!("give at least one output: --credentials-file, --json-file or --socket");
+    if args.credentials_file.is_none()
+        && args.json_file.is_none()
+        && args.socket.is_none()
+        && args.container_endpoint.is_none()
+    {
+        bail!(
+            "give at least one output: --credentials-file, --json-file, --socket or --container-endpoint"
+        );
+    }
+    if let Some(addr) = &args.container_endpoint {
+        crate::container::check_loopback(addr)?;
     }
     if let (Some(a), Some(b)) = (&args.credentials_file, &args.json_file)
         && a == b
@@ -134,6 +143,37 @@ pub async fn run(
         Some(path) => Some(bind_socket(path, args.socket_mode, args.socket_group)?),
         None => None,
     };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let container = match args.container_endpoint {
+        Some(addr) => {
+            let token = crate::container::load_or_create_token(&args.container_token_file)?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the container endpoint {addr}"))?;
+            let local = listener.local_addr()?;
+            tracing::info!(
+                "container endpoint ready: AWS_CONTAINER_CREDENTIALS_FULL_URI=http://{}:{}/credentials AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={}",
+                local.ip(),
+                local.port(),
+                args.container_token_file.display()
+            );
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(crate::container::serve(
+                listener,
+                token,
+                provider.subscribe(),
+                SharedTimeSource::default(),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )))
+        }
+        None => None,
+    };
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
     tracing::info!(
         credentials_file = ?args.credentials_file,
         json_file = ?args.json_file,
@@ -161,6 +201,9 @@ pub async fn run(
     .await;
     if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);
+    }
+    if let Some(container) = container {
+        let _ = container.await;
     }
     result
 }

@@ -1,0 +1,167 @@
+//! The container-credentials endpoint: the protocol every AWS SDK reads
+//! through `AWS_CONTAINER_CREDENTIALS_FULL_URI` plus
+//! `AWS_CONTAINER_AUTHORIZATION_TOKEN` or `..._TOKEN_FILE`.
+//!
+//! Loopback only. Every request must carry the token as the raw
+//! `Authorization` value (compared in constant time). Requests that look like
+//! a browser or a DNS-rebinding attempt (a `Host` that is not the loopback
+//! address and port we listen on, or any `Origin`, `Referer` or
+//! `X-Forwarded-For`) are refused before the token is even looked at.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use imds_client::{ProviderState, SecretString, SharedTimeSource};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::format::container_credentials_json;
+
+/// Refuses anything but a loopback address.
+pub fn check_loopback(addr: &SocketAddr) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() {
+        bail!("--container-endpoint must be a loopback address such as 127.0.0.1:8901, not {addr}");
+    }
+    Ok(())
+}
+
+/// Reads the token from `path`, or, when the file does not exist, generates
+/// 32 random bytes (64 hex characters) and writes them there (mode 0640, no
+/// trailing newline, which SDKs would send and then fail to match).
+pub fn load_or_create_token(path: &Path) -> anyhow::Result<SecretString> {
+    match std::fs::read_to_string(path) {
+        Ok(token) => {
+            if token.is_empty() || token.ends_with('\n') || token.ends_with('\r') {
+                bail!(
+                    "the container token file {} is empty or ends with a newline; AWS SDKs send the file's exact content",
+                    path.display()
+                );
+            }
+            Ok(SecretString::new(token))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let bytes: [u8; 32] = rand::random();
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(path)
+                .with_context(|| format!("creating the container token file {}", path.display()))?;
+            std::io::Write::write_all(&mut file, token.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok(SecretString::new(token))
+        }
+        Err(e) => {
+            Err(e).with_context(|| format!("reading the container token file {}", path.display()))
+        }
+    }
+}
+
+#[derive(Clone)]
+struct App {
+    token: SecretString,
+    local: SocketAddr,
+    state: watch::Receiver<ProviderState>,
+    clock: SharedTimeSource,
+}
+
+fn refuse(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::json!({ "error": message }).to_string(),
+    )
+        .into_response()
+}
+
+/// Why a request is refused before its token is checked, if it is.
+fn looks_forged(headers: &HeaderMap, local: &SocketAddr) -> Option<&'static str> {
+    for name in ["origin", "referer", "x-forwarded-for"] {
+        if headers.contains_key(name) {
+            return Some("requests from browsers or proxies are refused");
+        }
+    }
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok())?;
+    let port = local.port();
+    let allowed = [
+        format!("{}:{port}", local.ip()),
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+    ];
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(host)) {
+        None
+    } else {
+        Some("the Host header must name this loopback endpoint")
+    }
+}
+
+async fn credentials(State(app): State<App>, headers: HeaderMap) -> Response {
+    if let Some(why) = looks_forged(&headers, &app.local) {
+        tracing::warn!(reason = why, "refused a container-credentials request");
+        return refuse(StatusCode::FORBIDDEN, why);
+    }
+    let Some(given) = headers.get(header::AUTHORIZATION) else {
+        tracing::warn!("refused a container-credentials request without a token");
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "the Authorization token is missing",
+        );
+    };
+    if !bool::from(given.as_bytes().ct_eq(app.token.expose().as_bytes())) {
+        tracing::warn!("refused a container-credentials request with a wrong token");
+        return refuse(StatusCode::FORBIDDEN, "the Authorization token is wrong");
+    }
+    let state = app.state.borrow().clone();
+    match &state {
+        ProviderState::Active { current, .. }
+            if current.credentials.expiration() > app.clock.now() =>
+        {
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                container_credentials_json(current),
+            )
+                .into_response()
+        }
+        ProviderState::NoRole => refuse(
+            StatusCode::NOT_FOUND,
+            "no IAM role is attached to this instance",
+        ),
+        _ => refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no valid credentials right now",
+        ),
+    }
+}
+
+/// Serves the endpoint until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    token: SecretString,
+    state: watch::Receiver<ProviderState>,
+    clock: SharedTimeSource,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/credentials", get(credentials))
+        .with_state(App {
+            token,
+            local,
+            state,
+            clock,
+        });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving the container-credentials endpoint")
+}

@@ -1,0 +1,132 @@
+//! The container-credentials endpoint: token, forged requests, loopback only.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+
+use imds_client::mock::MockImds;
+use rustix::process::Signal;
+
+use crate::eqnice;
+use crate::util::{Running, agent, wait_for};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn request(port: u16, headers: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET /credentials HTTP/1.1\r\n{headers}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    (
+        head.split_whitespace().nth(1).unwrap().parse().unwrap(),
+        body.to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_is_required_and_forged_requests_are_refused() {
+    let imds = MockImds::builder().role("r").start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let port = free_port();
+    let mut cmd = agent();
+    cmd.arg("run")
+        .arg("--imds-endpoint")
+        .arg(imds.endpoint())
+        .arg("--container-endpoint")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--container-token-file")
+        .arg(&token_file);
+    let running = Running::start(cmd);
+    wait_for("the token file", || token_file.exists());
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert!(token.len() >= 64 && !token.ends_with('\n'), "{token:?}");
+    eqnice!(
+        0o640,
+        std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777
+    );
+    let host = format!("Host: 127.0.0.1:{port}\r\n");
+    wait_for("the endpoint", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    wait_for("credentials", || {
+        request(port, &format!("{host}Authorization: {token}\r\n")).0 == 200
+    });
+
+    let (status, body) = request(port, &format!("{host}Authorization: {token}\r\n"));
+    eqnice!(200, status);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let issued = imds.current_credentials().unwrap();
+    eqnice!(
+        serde_json::json!(issued.access_key_id()),
+        doc["AccessKeyId"]
+    );
+    eqnice!(serde_json::json!(issued.session_token()), doc["Token"]);
+    eqnice!(
+        serde_json::json!("arn:aws:iam::123456789012:role/r"),
+        doc["RoleArn"]
+    );
+
+    eqnice!(401, request(port, &host).0);
+    let (status, body) = request(port, &format!("{host}Authorization: wrong\r\n"));
+    eqnice!(403, status);
+    assert!(!body.contains(&token));
+    eqnice!(
+        403,
+        request(port, &format!("{host}Authorization: Bearer {token}\r\n")).0
+    );
+    eqnice!(
+        403,
+        request(
+            port,
+            &format!("Host: attacker.example:{port}\r\nAuthorization: {token}\r\n")
+        )
+        .0
+    );
+    eqnice!(
+        403,
+        request(
+            port,
+            &format!("{host}Origin: http://attacker.example\r\nAuthorization: {token}\r\n")
+        )
+        .0
+    );
+    eqnice!(
+        403,
+        request(
+            port,
+            &format!("{host}Referer: http://attacker.example/\r\nAuthorization: {token}\r\n")
+        )
+        .0
+    );
+    eqnice!(
+        403,
+        request(
+            port,
+            &format!("{host}X-Forwarded-For: 203.0.113.9\r\nAuthorization: {token}\r\n")
+        )
+        .0
+    );
+    assert!(running.stop_with(Signal::TERM).success());
+}
+
+#[test]
+fn only_loopback_addresses_are_accepted() {
+    let out = agent()
+        .args(["run", "--container-endpoint", "0.0.0.0:8901"])
+        .output()
+        .unwrap();
+    eqnice!(Some(1), out.status.code());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}
