@@ -78,3 +78,34 @@ async fn with_a_role_ready_follows_the_first_write() {
     assert!(text.contains(imds.current_credentials().unwrap().access_key_id()));
     drop(running);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_watchdog_is_fed_when_systemd_asks_for_it() {
+    let imds = MockImds::builder().role("r").start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut cmd = agent();
+    cmd.env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000")
+        .arg("run")
+        .arg("--imds-endpoint")
+        .arg(imds.endpoint())
+        .arg("--credentials-file")
+        .arg(dir.path().join("credentials"));
+    let running = Running::start(cmd);
+    let mut watchdogs = 0;
+    for _ in 0..10 {
+        if receive(&notify) == "WATCHDOG=1" {
+            watchdogs += 1;
+        }
+    }
+    assert!(
+        watchdogs >= 5,
+        "expected regular WATCHDOG=1, got {watchdogs} in 10 messages"
+    );
+    drop(running);
+}

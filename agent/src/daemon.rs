@@ -71,6 +71,7 @@ pub async fn run(
     let mut published = Published::Nothing;
     let notifier = crate::notify::Notifier::from_env()?;
     let mut last_status = None::<String>;
+    let mut watchdog = crate::notify::Notifier::watchdog_interval().map(tokio::time::interval);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -78,6 +79,10 @@ pub async fn run(
             _ = ticker.tick() => {
                 let result = provider.poll().await;
                 record(&metrics, result, &provider, &config.clock);
+            }
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                notifier.send("WATCHDOG=1");
+                continue;
             }
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: refreshing credentials now");

@@ -38,6 +38,20 @@ impl Notifier {
         })
     }
 
+    /// How often to send `WATCHDOG=1`: half of `$WATCHDOG_USEC`, when systemd
+    /// set it for this process (`WatchdogSec=`).
+    pub fn watchdog_interval() -> Option<std::time::Duration> {
+        let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+        if let Some(pid) = std::env::var("WATCHDOG_PID")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+            && pid != std::process::id()
+        {
+            return None;
+        }
+        (usec > 0).then(|| std::time::Duration::from_micros(usec / 2))
+    }
+
     /// Sends `state` (e.g. `READY=1\nSTATUS=...`). Failures are logged, not fatal.
     pub fn send(&self, state: &str) {
         if let Some((socket, address)) = &self.target
