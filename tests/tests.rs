@@ -8,6 +8,7 @@
 mod agent_run;
 mod container;
 mod demo;
+mod doctor;
 mod hostile;
 mod macros;
 mod mock_imds;

@@ -29,6 +29,12 @@ pub enum Command {
     /// a fresh directory: the whole thing working, on any machine.
     #[command(after_help = DEMO_EXAMPLES)]
     Demo(DemoArgs),
+    /// Check this host: IMDS reachable, tokens required, IMDS locked down to
+    /// the agent, outputs closed to other users. Each finding with its fix.
+    #[command(
+        after_help = "Example:\n  imds-agent doctor --credentials-file /var/lib/imds-agent/credentials --socket /run/imds-agent/agent.sock\n\nExit status 1 when a check fails."
+    )]
+    Doctor(DoctorArgs),
     /// Run the bundled IMDSv2 emulator standalone, until SIGTERM or Ctrl-C.
     #[command(after_help = MOCK_IMDS_EXAMPLES)]
     MockImds(MockImdsArgs),
@@ -221,4 +227,21 @@ pub struct DemoArgs {
     /// Directory for the outputs (default: a new one under the temp dir).
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+}
+
+/// Flags of `imds-agent doctor`.
+#[derive(Debug, clap::Args)]
+pub struct DoctorArgs {
+    /// IMDS endpoint URL (default: from the standard settings).
+    #[arg(long, env = "IMDS_AGENT_IMDS_ENDPOINT", value_name = "URL")]
+    pub imds_endpoint: Option<String>,
+    /// The credentials file to check.
+    #[arg(long, env = "IMDS_AGENT_CREDENTIALS_FILE", value_name = "PATH")]
+    pub credentials_file: Option<PathBuf>,
+    /// The JSON file to check.
+    #[arg(long, env = "IMDS_AGENT_JSON_FILE", value_name = "PATH")]
+    pub json_file: Option<PathBuf>,
+    /// The socket to check.
+    #[arg(long, env = "IMDS_AGENT_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 }

@@ -9,6 +9,7 @@ pub mod container;
 pub mod credential_process;
 pub mod daemon;
 pub mod demo;
+pub mod doctor;
 pub mod format;
 pub mod metrics;
 pub mod mock_imds;

@@ -36,6 +36,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 imds_agent::run::run(*args, shutdown).await
             }
             Command::Demo(args) => imds_agent::demo::run(args).await,
+            Command::Doctor(args) => {
+                let findings = imds_agent::doctor::run_checks(&args).await;
+                if imds_agent::doctor::report(&findings) {
+                    Ok(())
+                } else {
+                    anyhow::bail!("some checks failed (see above)")
+                }
+            }
             Command::CredentialProcess(args) => {
                 let json = imds_agent::credential_process::fetch(&args.socket).await?;
                 println!("{}", json.trim_end());

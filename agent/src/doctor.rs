@@ -1,0 +1,221 @@
+//! `imds-agent doctor`: what an operator would ask about this host, each
+//! finding with its fix.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use imds_client::ImdsClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::cli::DoctorArgs;
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// As it should be.
+    Ok,
+    /// Works, but weaker than it should be.
+    Warn,
+    /// Broken or unsafe.
+    Fail,
+}
+
+/// One finding: what was checked, how it came out, and the fix.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    /// Ok, warn or fail.
+    pub verdict: Verdict,
+    /// What was found.
+    pub what: String,
+    /// What to do about it, when something should be done.
+    pub fix: Option<String>,
+}
+
+fn finding(verdict: Verdict, what: impl Into<String>, fix: Option<&str>) -> Finding {
+    Finding {
+        verdict,
+        what: what.into(),
+        fix: fix.map(str::to_owned),
+    }
+}
+
+/// Runs every check.
+pub async fn run_checks(args: &DoctorArgs) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let mut builder = ImdsClient::builder();
+    if let Some(endpoint) = &args.imds_endpoint {
+        match builder.endpoint(endpoint) {
+            Ok(b) => builder = b,
+            Err(e) => {
+                findings.push(finding(
+                    Verdict::Fail,
+                    format!("--imds-endpoint: {e}"),
+                    None,
+                ));
+                return findings;
+            }
+        }
+    }
+    let client = match builder.build() {
+        Ok(client) => client,
+        Err(e) => {
+            findings.push(finding(
+                Verdict::Fail,
+                format!("IMDS settings: {e}"),
+                e.hint(),
+            ));
+            return findings;
+        }
+    };
+    match client.instance_id().await {
+        Ok(id) => findings.push(finding(
+            Verdict::Ok,
+            format!("IMDS answers with a session token (instance {id})"),
+            None,
+        )),
+        Err(e) => findings.push(finding(Verdict::Fail, format!("IMDS: {e}"), e.hint())),
+    }
+    match client.role_name().await {
+        Ok(role) => findings.push(finding(
+            Verdict::Ok,
+            format!("IAM role attached: {role}"),
+            None,
+        )),
+        Err(e) => findings.push(finding(Verdict::Warn, format!("IAM role: {e}"), e.hint())),
+    }
+    findings.push(tokens_required(client.endpoint()).await);
+    findings.push(lockdown());
+    for (label, path) in [
+        ("credentials file", &args.credentials_file),
+        ("JSON file", &args.json_file),
+        ("socket", &args.socket),
+    ] {
+        if let Some(path) = path {
+            findings.push(output_access(label, path));
+        }
+    }
+    findings
+}
+
+/// Does a metadata GET without a token get 401? (IMDSv2 required.)
+async fn tokens_required(endpoint: &str) -> Finding {
+    let Some(authority) = endpoint
+        .strip_prefix("http://")
+        .map(|a| a.trim_end_matches('/'))
+    else {
+        return finding(
+            Verdict::Warn,
+            "token requirement not checked (endpoint is not http://)",
+            None,
+        );
+    };
+    let probe = async {
+        let mut stream = TcpStream::connect(authority).await?;
+        let request = format!(
+            "GET /latest/meta-data/ HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut head = vec![0u8; 64];
+        let n = stream.read(&mut head).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&head[..n]).into_owned())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), probe).await {
+        Ok(Ok(head)) if head.split_whitespace().nth(1) == Some("401") => finding(
+            Verdict::Ok,
+            "IMDSv2 is required: a request without a token gets 401",
+            None,
+        ),
+        Ok(Ok(head)) if head.split_whitespace().nth(1) == Some("200") => finding(
+            Verdict::Warn,
+            "IMDSv1 is allowed: requests without a session token are answered",
+            Some(
+                "aws ec2 modify-instance-metadata-options --instance-id <id> --http-tokens required",
+            ),
+        ),
+        Ok(Ok(head)) => finding(
+            Verdict::Warn,
+            format!(
+                "a request without a token got: {}",
+                head.lines().next().unwrap_or("")
+            ),
+            None,
+        ),
+        _ => finding(
+            Verdict::Warn,
+            "token requirement not checked (IMDS did not answer)",
+            None,
+        ),
+    }
+}
+
+/// Is the lock-down rule loaded?
+fn lockdown() -> Finding {
+    let loaded = std::process::Command::new("nft")
+        .args(["list", "table", "inet", "imds_lockdown"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if loaded {
+        finding(
+            Verdict::Ok,
+            "the IMDS lock-down rule is loaded: only imds-agent reaches IMDS",
+            None,
+        )
+    } else {
+        finding(
+            Verdict::Warn,
+            "every local user can reach IMDS (no lock-down rule loaded)",
+            Some(
+                "systemctl enable --now imds-lockdown.service (see README, \"Locking IMDS down to the agent\")",
+            ),
+        )
+    }
+}
+
+/// Is an output closed to other users?
+fn output_access(label: &str, path: &Path) -> Finding {
+    match std::fs::metadata(path) {
+        Err(e) => finding(
+            Verdict::Warn,
+            format!("{label} {}: {e}", path.display()),
+            Some("is the agent running with this output?"),
+        ),
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            let what = format!(
+                "{label} {}: mode {mode:04o}, owner {}, group {}",
+                path.display(),
+                meta.uid(),
+                meta.gid()
+            );
+            if mode & 0o007 != 0 {
+                finding(
+                    Verdict::Fail,
+                    format!("{what}: readable by every user"),
+                    Some("use --file-mode 0600 or 0640 (--socket-mode for the socket)"),
+                )
+            } else {
+                finding(Verdict::Ok, what, None)
+            }
+        }
+    }
+}
+
+/// Prints the findings; true when none failed.
+pub fn report(findings: &[Finding]) -> bool {
+    for f in findings {
+        let tag = match f.verdict {
+            Verdict::Ok => "ok  ",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "FAIL",
+        };
+        println!("[{tag}] {}", f.what);
+        if let Some(fix) = &f.fix {
+            println!("       fix: {fix}");
+        }
+    }
+    findings.iter().all(|f| f.verdict != Verdict::Fail)
+}
