@@ -14,4 +14,5 @@ mod macros;
 mod mock_imds;
 mod notify;
 mod rotation;
+mod socket_activation;
 mod util;

@@ -95,7 +95,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             None => signals.await,
         }
     };
-    let result = crate::run::run(run_args, stop).await;
+    let result = crate::run::run(run_args, None, stop).await;
     imds.shutdown().await;
     println!("demo stopped; outputs left in {}", dir.display());
     result

@@ -5,6 +5,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use imds_agent::cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
@@ -23,6 +24,16 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // Socket activation: take the listening socket systemd passed (fd 3,
+    // LISTEN_FDS), before any thread exists, since reading it clears the
+    // LISTEN_* variables from the environment.
+    let activated = if matches!(cli.command, Command::Run(_)) {
+        listenfd::ListenFd::from_env()
+            .take_unix_listener(0)
+            .context("taking the socket passed by systemd (LISTEN_FDS)")?
+    } else {
+        None
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -31,9 +42,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         match cli.command {
             Command::MockImds(args) => imds_agent::mock_imds::run(args).await,
             Command::Run(args) => {
-                imds_agent::run::validate(&args)?;
                 let shutdown = imds_agent::signals::shutdown_signals()?;
-                imds_agent::run::run(*args, shutdown).await
+                imds_agent::run::run(*args, activated, shutdown).await
             }
             Command::Demo(args) => imds_agent::demo::run(args).await,
             Command::Doctor(args) => {

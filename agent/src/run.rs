@@ -18,7 +18,12 @@ use crate::sink::{CredentialsFileSink, FileOptions, JsonFileSink, Sink};
 
 /// Checks the flags before anything starts.
 pub fn validate(args: &RunArgs) -> anyhow::Result<()> {
-    if args.credentials_file.is_none()
+    validate_outputs(args, false)
+}
+
+fn validate_outputs(args: &RunArgs, activated: bool) -> anyhow::Result<()> {
+    if !activated
+        && args.credentials_file.is_none()
         && args.json_file.is_none()
         && args.socket.is_none()
         && args.container_endpoint.is_none()
@@ -131,17 +136,30 @@ pub fn bind_socket(path: &Path, mode: u32, group: Option<u32>) -> anyhow::Result
     Ok(listener)
 }
 
-/// Runs the agent until `shutdown`.
+/// Runs the agent until `shutdown`. `activated` is a listening socket passed
+/// by systemd (socket activation); it is used instead of binding `--socket`.
 pub async fn run(
     args: RunArgs,
+    activated: Option<std::os::unix::net::UnixListener>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    validate(&args)?;
+    validate_outputs(&args, activated.is_some())?;
     let provider = provider(&args)?;
     let sinks = sinks(&args)?;
-    let listener = match &args.socket {
-        Some(path) => Some(bind_socket(path, args.socket_mode, args.socket_group)?),
-        None => None,
+    let owns_socket_file = activated.is_none();
+    let listener = match (activated, &args.socket) {
+        (Some(inherited), _) => {
+            inherited
+                .set_nonblocking(true)
+                .context("preparing the socket passed by systemd")?;
+            tracing::info!("using the socket passed by systemd");
+            Some(
+                UnixListener::from_std(inherited)
+                    .context("adopting the socket passed by systemd")?,
+            )
+        }
+        (None, Some(path)) => Some(bind_socket(path, args.socket_mode, args.socket_group)?),
+        (None, None) => None,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let container = match args.container_endpoint {
@@ -199,7 +217,7 @@ pub async fn run(
         shutdown,
     )
     .await;
-    if let Some(path) = &args.socket {
+    if let Some(path) = args.socket.as_ref().filter(|_| owns_socket_file) {
         let _ = std::fs::remove_file(path);
     }
     if let Some(container) = container {
