@@ -38,6 +38,11 @@ async fn doctor_reports_tokens_lockdown_and_unsafe_files_with_fixes() {
     assert!(text.contains("[ok  ] IAM role attached: r"), "{text}");
     assert!(text.contains("[ok  ] IMDSv2 is required"), "{text}");
     assert!(text.contains("mode 0600"), "{text}");
+    // Nothing locks the emulator's loopback port down: another user reaches it.
+    assert!(
+        text.contains("[warn] uid 65534 (not the agent's user) can connect to IMDS"),
+        "{text}"
+    );
 
     imds.set_tokens_required(false);
     let open = dir.path().join("open");

@@ -35,6 +35,12 @@ pub enum Command {
         after_help = "Example:\n  imds-agent doctor --credentials-file /var/lib/imds-agent/credentials --socket /run/imds-agent/agent.sock\n\nExit status 1 when a check fails."
     )]
     Doctor(DoctorArgs),
+    /// Internal (used by doctor): exit 0 if a TCP connection to HOST:PORT opens.
+    #[command(hide = true)]
+    ProbeConnect {
+        /// HOST:PORT
+        authority: String,
+    },
     /// Run the bundled IMDSv2 emulator standalone, until SIGTERM or Ctrl-C.
     #[command(after_help = MOCK_IMDS_EXAMPLES)]
     MockImds(MockImdsArgs),
@@ -244,4 +250,7 @@ pub struct DoctorArgs {
     /// The socket to check.
     #[arg(long, env = "IMDS_AGENT_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// The uid that stands for "another user" when checking who can reach IMDS.
+    #[arg(long, default_value_t = 65534, value_name = "UID")]
+    pub probe_uid: u32,
 }

@@ -87,6 +87,16 @@ pub async fn run_checks(args: &DoctorArgs) -> Vec<Finding> {
     }
     findings.push(tokens_required(client.endpoint()).await);
     findings.push(lockdown());
+    let targets: Vec<String> = match &args.imds_endpoint {
+        Some(_) => vec![client.endpoint().to_owned()],
+        None => vec![
+            "http://169.254.169.254".to_owned(),
+            "http://[fd00:ec2::254]".to_owned(),
+        ],
+    };
+    for target in targets {
+        findings.push(other_user_reach(&target, args.probe_uid).await);
+    }
     for (label, path) in [
         ("credentials file", &args.credentials_file),
         ("JSON file", &args.json_file),
@@ -148,6 +158,65 @@ async fn tokens_required(endpoint: &str) -> Finding {
             None,
         ),
     }
+}
+
+/// Can a user other than the agent's open a connection to IMDS? Runs this
+/// binary's hidden `probe-connect` as `uid` through `setpriv`.
+async fn other_user_reach(endpoint: &str, uid: u32) -> Finding {
+    let Some(authority) = endpoint
+        .strip_prefix("http://")
+        .map(|a| a.trim_end_matches('/'))
+    else {
+        return finding(
+            Verdict::Warn,
+            format!("other users' access to {endpoint} not checked"),
+            None,
+        );
+    };
+    let Ok(exe) = std::env::current_exe() else {
+        return finding(
+            Verdict::Warn,
+            "other users' access not checked (own path unknown)",
+            None,
+        );
+    };
+    let uid = uid.to_string();
+    let status = tokio::process::Command::new("setpriv")
+        .args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
+        .arg(exe)
+        .args(["probe-connect", authority])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await;
+    match status.map(|s| s.code()) {
+        Ok(Some(0)) => finding(
+            Verdict::Warn,
+            format!("uid {uid} (not the agent's user) can connect to IMDS at {authority}"),
+            Some(
+                "load the lock-down rule: systemctl enable --now /usr/share/imds-agent/imds-lockdown.service",
+            ),
+        ),
+        Ok(Some(1)) => finding(
+            Verdict::Ok,
+            format!("uid {uid} cannot connect to IMDS at {authority}"),
+            None,
+        ),
+        _ => finding(
+            Verdict::Warn,
+            format!("other users' access to {authority} not checked (needs root and setpriv)"),
+            None,
+        ),
+    }
+}
+
+/// The hidden `probe-connect` subcommand: exit 0 when a TCP connection to
+/// `authority` opens within 2 s, 1 when it is refused or times out.
+pub async fn probe_connect(authority: &str) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(authority)).await,
+        Ok(Ok(_))
+    )
 }
 
 /// Is the lock-down rule loaded?

@@ -46,6 +46,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 imds_agent::run::run(*args, activated, shutdown).await
             }
             Command::Demo(args) => imds_agent::demo::run(args).await,
+            Command::ProbeConnect { authority } => {
+                if imds_agent::doctor::probe_connect(&authority).await {
+                    Ok(())
+                } else {
+                    std::process::exit(1)
+                }
+            }
             Command::Doctor(args) => {
                 let findings = imds_agent::doctor::run_checks(&args).await;
                 if imds_agent::doctor::report(&findings) {
