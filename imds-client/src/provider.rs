@@ -358,7 +358,13 @@ impl ImdsCredentialsProvider {
     async fn load_or_keep(&self, cached: Cached, reason: Reason) -> Result<RoleCredentials, Error> {
         match self.load(reason).await {
             Ok(current) => Ok(current),
-            Err(e) if e.is_transient() && self.inner.static_stability => {
+            Err(e)
+                if e.is_transient()
+                    && (self.inner.static_stability
+                        || self.snapshot().is_some_and(|c| {
+                            c.current.credentials.expiration() > self.server_now(&c)
+                        })) =>
+            {
                 // The cache may have been updated by the failed load's bookkeeping.
                 Ok(self.snapshot().map(|c| c.current).unwrap_or(cached.current))
             }
@@ -471,10 +477,22 @@ impl ImdsCredentialsProvider {
         let inner = &self.inner;
         let hint = error.hint().unwrap_or("");
         let mut cache = inner.cache.write().unwrap_or_else(|e| e.into_inner());
-        if error.is_transient() && inner.static_stability && cache.is_some() {
+        // Transient failures never throw away credentials that are still
+        // valid; static stability additionally keeps serving them past expiry.
+        let keep = error.is_transient()
+            && cache.as_ref().is_some_and(|c| {
+                inner.static_stability
+                    || c.current.credentials.expiration() > shift(inner.clock.now(), c.skew_secs)
+            });
+        if keep {
             let cached = cache.as_mut().expect("checked above");
             let server_now = shift(inner.clock.now(), cached.skew_secs);
-            if cached.expires <= server_now + self.mandatory_window(cached) {
+            if !inner.static_stability {
+                // Serve them until their real expiry, asking IMDS on each call
+                // in the mandatory window (single flight keeps that to one load).
+                cached.not_before = None;
+                tracing::warn!(error = %error, hint, "IMDS refresh failed; the cached credentials are still valid");
+            } else if cached.expires <= server_now + self.mandatory_window(cached) {
                 let wait = static_stability_wait();
                 let still_valid = cached.current.credentials.expiration() > server_now;
                 if !still_valid {

@@ -407,3 +407,38 @@ async fn by_default_six_hour_credentials_are_replaced_with_more_than_fifteen_min
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(fresh.calls(), (1, 1));
 }
+
+#[tokio::test(start_paused = true)]
+async fn without_static_stability_valid_credentials_are_kept_until_their_real_expiry() {
+    let clock = ManualTimeSource::new(start());
+    let fake = Fake::new("r", creds("AKID1", start(), HOUR));
+    let provider = ImdsCredentialsProvider::builder()
+        .source(fake.clone())
+        .time_source(SharedTimeSource::new(clock.clone()))
+        .advisory_refresh_window(20 * MINUTE)
+        .static_stability(false)
+        .build();
+    provider.credentials().await.unwrap();
+    fake.set_creds(Err(ErrorKind::ServerError { status: 503 }));
+    // Advisory window: a failed background refresh must not drop them.
+    advance(&clock, 45 * MINUTE).await;
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKID1"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKID1"
+    );
+    // Mandatory window: still valid, still served.
+    advance(&clock, 14 * MINUTE + 30 * Duration::from_secs(1)).await;
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKID1"
+    );
+    // Past the real expiry: no static stability, so an error.
+    advance(&clock, MINUTE).await;
+    let err = provider.credentials().await.unwrap_err();
+    assert_eq!(err.kind(), &ErrorKind::ServerError { status: 503 });
+}
