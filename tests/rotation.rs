@@ -111,3 +111,78 @@ async fn readers_never_see_partial_or_mixed_files_across_rotations_and_a_kill() 
     assert!(reads.load(Ordering::Relaxed) > 100);
     assert!(running.stop_with(Signal::TERM).success());
 }
+
+/// Key ids of every set the emulator issued, and the file's set must be one.
+fn assert_whole_and_issued(file: &std::path::Path, issued: &[(String, String, String)]) {
+    let text = std::fs::read_to_string(file).expect("the file survives a kill");
+    let set = parse(&text).unwrap_or_else(|| panic!("partial file after SIGKILL: {text}"));
+    assert!(issued.contains(&set), "mixed key sets after SIGKILL");
+    let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "wrong mode after SIGKILL");
+    let json = std::fs::read_to_string(file.with_extension("json")).unwrap();
+    let value: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("partial JSON ({e}): {json}"));
+    let key = value["AccessKeyId"].as_str().unwrap();
+    assert!(issued.iter().any(|s| s.0 == key), "JSON from no issued set");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_at_random_points_never_leaves_a_partial_mixed_or_open_file() {
+    use rand::Rng;
+    let seed: u64 = rand::random();
+    eprintln!("seed {seed}");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let imds = MockImds::builder().role("r").start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("credentials");
+    let start = || {
+        let mut cmd = agent();
+        cmd.arg("run")
+            .arg("--imds-endpoint")
+            .arg(imds.endpoint())
+            .arg("--credentials-file")
+            .arg(&file)
+            .arg("--json-file")
+            .arg(file.with_extension("json"))
+            .args(["--poll-interval", "1"]);
+        Running::start(cmd)
+    };
+    let issued_now = |issued: &mut Vec<(String, String, String)>| {
+        let c = imds.current_credentials().unwrap();
+        issued.push((
+            c.access_key_id().to_owned(),
+            c.secret_access_key().to_owned(),
+            c.session_token().to_owned(),
+        ));
+        c.access_key_id().to_owned()
+    };
+    let mut issued = Vec::new();
+    let mut latest = issued_now(&mut issued);
+    for _round in 0..25 {
+        let running = start();
+        wait_for("the restarted agent to catch up", || {
+            std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|t| parse(&t))
+                .is_some_and(|s| s.0 == latest)
+        });
+        // A few rotations, then a kill at a random moment: often while a
+        // write is under way.
+        for _ in 0..rng.random_range(1..4) {
+            imds.rotate();
+            latest = issued_now(&mut issued);
+            running.signal(Signal::HUP);
+            std::thread::sleep(std::time::Duration::from_micros(rng.random_range(0..3_000)));
+        }
+        running.signal(Signal::KILL);
+        drop(running);
+        assert_whole_and_issued(&file, &issued);
+    }
+    // Temp files a killed writer left are the only leftovers, and they are
+    // never readable by others.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o077;
+        assert_eq!(0, mode, "{:?} is open to others", entry.file_name());
+    }
+}

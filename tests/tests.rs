@@ -8,6 +8,7 @@
 mod agent_run;
 mod container;
 mod demo;
+mod disk_faults;
 mod doctor;
 mod hostile;
 mod macros;

@@ -31,6 +31,23 @@ impl Running {
         Self { child, stdout }
     }
 
+    /// Starts `cmd` with stdout piped and stderr (the logs) written to `log`.
+    pub(crate) fn start_logging_to(mut cmd: Command, log: &std::path::Path) -> Self {
+        cmd.stderr(std::fs::File::create(log).expect("creating the log file"));
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting imds-agent");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Self { child, stdout }
+    }
+
+    /// Sends `signal` without waiting.
+    pub(crate) fn signal(&self, signal: Signal) {
+        let pid = Pid::from_raw(self.child.id() as i32).unwrap();
+        kill_process(pid, signal).expect("signalling imds-agent");
+    }
+
     /// The exit status, if the process has exited.
     pub(crate) fn try_status(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().unwrap()
@@ -99,4 +116,11 @@ pub(crate) fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("timed out after 10 s waiting for {what}");
+}
+
+/// The value of an unlabelled metric from `GET /metrics` on the agent's socket.
+pub(crate) fn metric(socket: &std::path::Path, name: &str) -> Option<u64> {
+    let (_, body) = unix_get(socket, "/metrics").ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }

@@ -57,7 +57,7 @@ pub struct ServerLimits {
 impl Default for ServerLimits {
     fn default() -> Self {
         Self {
-            max_connections: 256,
+            max_connections: 1024,
             header_timeout: Duration::from_secs(5),
             connection_lifetime: Duration::from_secs(30),
             max_header_bytes: 16 * 1024,
