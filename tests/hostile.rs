@@ -110,3 +110,70 @@ async fn json_logs_are_one_object_per_line_and_hold_no_secret() {
     );
     assert!(logs.contains("published credentials"));
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// The agent's memory bound under 1,000 hostile connections (see README,
+/// "Failure behaviour"): at most this much above its resting size.
+const HOSTILE_MEMORY_BOUND_KIB: u64 = 32 * 1024;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_hostile_connections_keep_memory_bounded_and_good_clients_served() {
+    let imds = MockImds::builder().role("r").start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let mut cmd = agent();
+    cmd.arg("run")
+        .arg("--imds-endpoint")
+        .arg(imds.endpoint())
+        .arg("--socket")
+        .arg(&socket);
+    let mut running = Running::start(cmd);
+    wait_for("credentials on the socket", || {
+        unix_get(&socket, "/credentials").is_ok_and(|(s, _)| s == 200)
+    });
+    let resting = rss_kib(running.pid());
+
+    let mut hostile = Vec::new();
+    for i in 0..1000 {
+        let mut stream = UnixStream::connect(&socket).unwrap();
+        stream.set_nonblocking(true).unwrap();
+        // Writes may stop short when the agent stops reading: that is the point.
+        let _ = match i % 4 {
+            0 => Ok(()),                                                 // nothing
+            1 => stream.write_all(b"GET /credentials HTTP/1.1\r\nHost"), // slow
+            2 => stream.write_all(
+                format!("GET / HTTP/1.1\r\nX-Big: {}\r\n", "a".repeat(15 * 1024)).as_bytes(),
+            ), // a head just under the limit, never finished
+            _ => stream.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 0, b'\r', b'\n']), // not HTTP
+        };
+        hostile.push(stream);
+    }
+    // Served at once while all 1,000 are held.
+    for _ in 0..50 {
+        let (status, body) = unix_get(&socket, "/credentials").unwrap();
+        eqnice!(200, status);
+        assert!(body.contains("AccessKeyId"));
+    }
+    let loaded = rss_kib(running.pid());
+    let growth = loaded.saturating_sub(resting);
+    eprintln!(
+        "agent RSS: {resting} KiB resting, {loaded} KiB with 1,000 hostile connections (+{growth} KiB)"
+    );
+    assert!(
+        growth < HOSTILE_MEMORY_BOUND_KIB,
+        "memory grew by {growth} KiB under 1,000 connections"
+    );
+    drop(hostile);
+    eqnice!(200, unix_get(&socket, "/healthz").unwrap().0);
+    assert!(running.try_status().is_none(), "the agent must not exit");
+    assert!(running.stop_with(Signal::TERM).success());
+}

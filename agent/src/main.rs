@@ -36,6 +36,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // File writes and DNS-free blocking work only: a few threads, so the
+        // unit's TasksMax= holds.
+        .max_blocking_threads(8)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
