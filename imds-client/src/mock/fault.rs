@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 /// A misbehaviour of IMDS.
 ///
 /// Status, latency and dropped connections apply to every IMDS request;
-/// `TokenBlackhole` only to token requests; the body faults and
+/// `TokenBlackhole` only to token requests; `TokenRejected` only to
+/// metadata and credential requests; the body faults and
 /// `CredentialsCode` only to credential documents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "fault", rename_all = "kebab-case")]
@@ -28,6 +29,9 @@ pub enum Fault {
     /// Token requests connect but are never answered (what a container
     /// behind a hop limit of 1 sees).
     TokenBlackhole,
+    /// Metadata requests answer `401 Unauthorized` whatever token they carry
+    /// (tokens invalidated faster than the client can use them).
+    TokenRejected,
     /// Credential documents are cut off half-way.
     TruncatedBody,
     /// Credential documents are not JSON.
@@ -57,6 +61,7 @@ impl Fault {
         match self {
             Fault::Status { .. } | Fault::Latency { .. } | Fault::Drop => true,
             Fault::TokenBlackhole => kind == RequestKind::Token,
+            Fault::TokenRejected => kind != RequestKind::Token,
             Fault::TruncatedBody | Fault::MalformedJson | Fault::Code { .. } => {
                 kind == RequestKind::Credentials
             }

@@ -69,6 +69,7 @@ async fn imds(State(app): State<App>, method: Method, uri: Uri, headers: HeaderM
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
             .into_response(),
         Some(Fault::Drop) => dropped_connection(),
+        Some(Fault::TokenRejected) => StatusCode::UNAUTHORIZED.into_response(),
         Some(Fault::TokenBlackhole) => {
             // Never answer; give up only when the emulator stops.
             app.stop.cancelled().await;
