@@ -10,6 +10,7 @@ mod container;
 mod demo;
 mod disk_faults;
 mod doctor;
+mod fault_matrix;
 mod hostile;
 mod macros;
 mod mock_imds;
