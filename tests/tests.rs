@@ -16,5 +16,6 @@ mod macros;
 mod mock_imds;
 mod notify;
 mod rotation;
+mod soak;
 mod socket_activation;
 mod util;

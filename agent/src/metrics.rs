@@ -138,6 +138,17 @@ impl Metrics {
                 self.sink_failures.load(Ordering::Relaxed).to_string(),
             )],
         );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            metric(
+                "imds_agent_tasks",
+                "gauge",
+                "Tasks alive in the agent's runtime (flat over time unless something leaks).",
+                vec![(
+                    String::new(),
+                    runtime.metrics().num_alive_tasks().to_string(),
+                )],
+            );
+        }
         out
     }
 }
