@@ -24,6 +24,9 @@ impl Setup {
         self.root.join(name)
     }
     fn start(&self, imds: &MockImds, extra: &[&str]) -> Running {
+        Running::start(self.command(imds, extra))
+    }
+    fn command(&self, imds: &MockImds, extra: &[&str]) -> std::process::Command {
         let mut cmd = agent();
         cmd.arg("run")
             .arg("--imds-endpoint")
@@ -36,7 +39,7 @@ impl Setup {
             .arg(self.path("agent.sock"))
             .args(["--poll-interval", "1"])
             .args(extra);
-        Running::start(cmd)
+        cmd
     }
 }
 
@@ -207,7 +210,10 @@ async fn a_peer_not_on_the_allow_list_gets_403() {
     let setup = Setup::new();
     // Only uid 65534 (nobody) may ask; the test runs as someone else.
     assert_ne!(rustix::process::getuid().as_raw(), 65534);
-    let running = setup.start(&imds, &["--allow-uid", "65534"]);
+    let mut cmd = setup.command(&imds, &["--allow-uid", "65534"]);
+    cmd.env("IMDS_AGENT_LOG", "trace");
+    let log = setup.path("agent.log");
+    let running = Running::start_logging_to(cmd, &log);
     let socket = setup.path("agent.sock");
     wait_for("the socket", || socket.exists());
     wait_for("a 403", || {
@@ -216,7 +222,18 @@ async fn a_peer_not_on_the_allow_list_gets_403() {
     let (status, body) = unix_get(&socket, "/credentials").unwrap();
     eqnice!(403, status);
     assert!(!body.contains("Secret"), "{body}");
-    drop(running);
+    assert!(running.stop_with(Signal::TERM).success());
+    // Logged with who asked, and without the secret it withheld.
+    let log = std::fs::read_to_string(&log).unwrap();
+    let me = rustix::process::getuid().as_raw();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("not on the allow-list") && l.contains(&format!("peer_uid={me}"))),
+        "{log}"
+    );
+    let issued = imds.current_credentials().unwrap();
+    assert!(!log.contains(issued.secret_access_key()));
+    assert!(!log.contains(issued.session_token()));
 }
 
 #[test]

@@ -41,14 +41,16 @@ async fn the_token_is_required_and_forged_requests_are_refused() {
     let token_file = dir.path().join("token");
     let port = free_port();
     let mut cmd = agent();
-    cmd.arg("run")
+    cmd.env("IMDS_AGENT_LOG", "trace")
+        .arg("run")
         .arg("--imds-endpoint")
         .arg(imds.endpoint())
         .arg("--container-endpoint")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--container-token-file")
         .arg(&token_file);
-    let running = Running::start(cmd);
+    let log = dir.path().join("agent.log");
+    let running = Running::start_logging_to(cmd, &log);
     wait_for("the token file", || token_file.exists());
     let token = std::fs::read_to_string(&token_file).unwrap();
     assert!(token.len() >= 64 && !token.ends_with('\n'), "{token:?}");
@@ -119,6 +121,13 @@ async fn the_token_is_required_and_forged_requests_are_refused() {
         .0
     );
     assert!(running.stop_with(Signal::TERM).success());
+    // Each refusal is logged, and neither the token nor a credential is.
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("without a token"), "{log}");
+    assert!(log.contains("with a wrong token"), "{log}");
+    assert!(!log.contains(&token), "the container token reached the log");
+    assert!(!log.contains(issued.secret_access_key()));
+    assert!(!log.contains(issued.session_token()));
 }
 
 #[test]

@@ -253,7 +253,7 @@ impl ImdsCredentialsProvider {
             }
             Ok(_) => self.load_or_keep(cached, Reason::Poll).await,
             Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, hint = e.hint().unwrap_or(""), "role check failed; keeping the current credentials");
+                tracing::warn!(error = %e, hint = e.hint(), "role check failed; keeping the current credentials");
                 self.set_health(Some(e));
                 self.role_credentials().await
             }
@@ -475,7 +475,7 @@ impl ImdsCredentialsProvider {
     /// Updates the cache and state after a failed load; returns the error.
     fn record_failure(&self, error: Error) -> Error {
         let inner = &self.inner;
-        let hint = error.hint().unwrap_or("");
+        let hint = error.hint();
         let mut cache = inner.cache.write().unwrap_or_else(|e| e.into_inner());
         // Transient failures never throw away credentials that are still
         // valid; static stability additionally keeps serving them past expiry.
