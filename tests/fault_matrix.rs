@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use imds_client::mock::{Fault, FaultDuration, MockImds};
 use rustix::process::Signal;
 
-use crate::util::{Running, agent, unix_get, wait_for};
+use crate::util::{Running, agent, metric_sum, unix_get, wait_for};
 
 #[derive(Debug, Clone)]
 enum Injected {
@@ -126,13 +126,7 @@ fn key_in(file: &Path) -> Option<String> {
 
 /// The sum of `imds_agent_refresh_failures_total` over every error kind.
 fn failures(socket: &Path) -> u64 {
-    let Ok((_, body)) = unix_get(socket, "/metrics") else {
-        return 0;
-    };
-    body.lines()
-        .filter(|l| l.starts_with("imds_agent_refresh_failures_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    metric_sum(socket, "imds_agent_refresh_failures_total")
 }
 
 fn current_key(imds: &MockImds) -> String {

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 
-use imds_client::mock::MockImds;
+use imds_client::mock::{Fault, FaultDuration, MockImds};
 use rustix::process::Signal;
 
 use crate::eqnice;
@@ -71,6 +71,7 @@ async fn json_logs_are_one_object_per_line_and_hold_no_secret() {
     let imds = MockImds::builder().role("r").start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("credentials");
+    let socket = dir.path().join("agent.sock");
     let child = agent()
         .env("IMDS_AGENT_LOG", "trace")
         .arg("run")
@@ -78,37 +79,73 @@ async fn json_logs_are_one_object_per_line_and_hold_no_secret() {
         .arg(imds.endpoint())
         .arg("--credentials-file")
         .arg(&file)
+        .arg("--socket")
+        .arg(&socket)
         .args(["--log-format", "json", "--poll-interval", "1"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("credentials", || file.exists());
-    imds.replace_role("other");
-    let replaced = imds.current_credentials().unwrap();
-    wait_for("the replacement", || {
-        std::fs::read_to_string(&file).is_ok_and(|t| t.contains(replaced.access_key_id()))
-    });
     let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    let mut secrets = Vec::new();
+    let mut issued = |imds: &MockImds| {
+        let c = imds.current_credentials().unwrap();
+        secrets.push(c.secret_access_key().to_owned());
+        secrets.push(c.session_token().to_owned());
+        c.access_key_id().to_owned()
+    };
+    let in_file = |key: &str| std::fs::read_to_string(&file).is_ok_and(|t| t.contains(key));
+
+    // Start.
+    let key = issued(&imds);
+    wait_for("credentials", || in_file(&key));
+    // Rotations, served on the socket too.
+    for _ in 0..3 {
+        imds.rotate();
+        let key = issued(&imds);
+        rustix::process::kill_process(pid, Signal::HUP).unwrap();
+        wait_for("a rotation", || in_file(&key));
+        eqnice!(200, unix_get(&socket, "/credentials").unwrap().0);
+    }
+    // Replacement.
+    imds.replace_role("other");
+    let key = issued(&imds);
+    wait_for("the replacement", || in_file(&key));
+    // Faults: IMDS failing, then garbage in the credentials document.
+    for fault in [Fault::Status { status: 503 }, Fault::MalformedJson] {
+        let before = crate::util::metric_sum(&socket, "imds_agent_refresh_failures_total");
+        imds.rotate();
+        issued(&imds);
+        imds.inject(fault, FaultDuration::Forever);
+        rustix::process::kill_process(pid, Signal::HUP).unwrap();
+        wait_for("a failure", || {
+            crate::util::metric_sum(&socket, "imds_agent_refresh_failures_total") > before
+        });
+        imds.clear_faults();
+    }
+    // Detach.
+    imds.detach_role();
+    wait_for("the withdrawal", || !file.exists());
+
     rustix::process::kill_process(pid, Signal::TERM).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let logs = String::from_utf8(out.stderr).unwrap();
-    assert!(logs.lines().count() > 3, "{logs}");
+    assert!(logs.lines().count() > 10, "{logs}");
     for line in logs.lines() {
         let value: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(value["level"].is_string(), "{line}");
+        for secret in &secrets {
+            assert!(
+                !line.contains(secret.as_str()),
+                "a secret in the logs: {line}"
+            );
+        }
     }
-    assert!(
-        !logs.contains(replaced.secret_access_key()),
-        "secret key in the logs"
-    );
-    assert!(
-        !logs.contains(replaced.session_token()),
-        "session token in the logs"
-    );
     assert!(logs.contains("published credentials"));
+    assert!(logs.contains("\"level\":\"TRACE\"") || logs.contains("\"level\":\"DEBUG\""));
+    assert!(logs.contains("withdrawn"), "{logs}");
 }
 
 /// Resident memory of a process, in KiB.

@@ -124,3 +124,14 @@ pub(crate) fn metric(socket: &std::path::Path, name: &str) -> Option<u64> {
     body.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// The sum of a labelled metric over all its labels.
+pub(crate) fn metric_sum(socket: &std::path::Path, name: &str) -> u64 {
+    let Ok((_, body)) = unix_get(socket, "/metrics") else {
+        return 0;
+    };
+    body.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
