@@ -15,10 +15,16 @@
 //! | endpoint disabled      | none                | 503          | old keys kept, failure counted            |
 //! | tokens made required   | written             | ok           | new keys                                  |
 //!
+//! During a role replacement, every fault that is not absorbed keeps the old
+//! role's keys in the outputs (whole) until it clears; then the new role's
+//! keys are written. Just before expiry (12-second credentials, so the real
+//! clock can be used), a 503 storm, dropped connections or malformed JSON
+//! leave the old keys in place and served while they are valid, and the new
+//! keys are written once IMDS answers again.
+//!
 //! In every cell, once the fault clears the outputs hold the emulator's
-//! current keys. The near-expiry and role-replacement phases need a movable
-//! clock, so they are covered with the same provider in the library's
-//! `imds-client/tests/fault_matrix.rs`.
+//! current keys. The library's `imds-client/tests/fault_matrix.rs` runs the
+//! same faults through all four phases with a movable clock.
 
 use std::path::{Path, PathBuf};
 
@@ -223,4 +229,91 @@ cold_start_cells! {
     cold_start_tokens_rejected: 8;
     cold_start_disabled: 9;
     cold_start_tokens_required: 10;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn role_replacement_under_every_fault_keeps_the_old_keys_until_it_clears() {
+    let imds = MockImds::builder().role("role-0").start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (running, file, socket) = start(&imds, dir.path());
+    wait_for("the first write", || {
+        key_in(&file) == Some(current_key(&imds))
+    });
+
+    for (i, (name, injected)) in faults().into_iter().enumerate() {
+        let old = key_in(&file).unwrap();
+        let counted = failures(&socket);
+        injected.apply(&imds);
+        imds.replace_role(format!("role-{}", i + 1));
+        let new = current_key(&imds);
+        if injected.absorbed() {
+            wait_for(name, || key_in(&file).as_ref() == Some(&new));
+        } else {
+            wait_for(name, || failures(&socket) > counted);
+            assert_eq!(Some(old), key_in(&file), "{name}: the old role's keys stay");
+        }
+        clear(&imds);
+        imds.set_tokens_required(false);
+        wait_for(&format!("the new role after {name}"), || {
+            key_in(&file).as_ref() == Some(&new)
+        });
+    }
+    assert!(running.stop_with(Signal::TERM).success());
+}
+
+/// A fault from just after the first fetch until inside the mandatory
+/// refresh window of 12-second credentials.
+async fn near_expiry_under(name: &str, fault: Fault) {
+    let imds = MockImds::builder()
+        .role("r")
+        .credential_lifetime(std::time::Duration::from_secs(12))
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (running, file, socket) = start(&imds, dir.path());
+    let first = imds.current_credentials().unwrap();
+    wait_for("the first write", || {
+        key_in(&file).as_deref() == Some(first.access_key_id())
+    });
+    imds.inject(fault, FaultDuration::Forever);
+    // Until 0.6 s before expiry: the refreshes fail, the old keys stay.
+    #[allow(clippy::disallowed_methods)] // the agent runs on the real clock
+    let left = first
+        .expiration()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    std::thread::sleep(left.saturating_sub(std::time::Duration::from_millis(600)));
+    assert!(failures(&socket) > 0, "{name}: failures counted");
+    assert_eq!(
+        Some(first.access_key_id().to_owned()),
+        key_in(&file),
+        "{name}: old keys kept"
+    );
+    let (status, body) = unix_get(&socket, "/credentials").unwrap();
+    assert_eq!(200, status, "{name}: still valid, still served");
+    assert!(body.contains(first.access_key_id()));
+
+    imds.clear_faults();
+    imds.rotate();
+    let new = current_key(&imds);
+    wait_for(&format!("recovery from {name}"), || {
+        key_in(&file).as_ref() == Some(&new)
+    });
+    assert!(running.stop_with(Signal::TERM).success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn near_expiry_503_storm() {
+    near_expiry_under("503 storm", Fault::Status { status: 503 }).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn near_expiry_dropped_connections() {
+    near_expiry_under("dropped", Fault::Drop).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn near_expiry_malformed_json() {
+    near_expiry_under("malformed", Fault::MalformedJson).await;
 }
