@@ -160,11 +160,14 @@ async fn sigkill_at_random_points_never_leaves_a_partial_mixed_or_open_file() {
     let mut latest = issued_now(&mut issued);
     for _round in 0..25 {
         let running = start();
+        // Both outputs (written one after the other) hold the latest keys.
         wait_for("the restarted agent to catch up", || {
             std::fs::read_to_string(&file)
                 .ok()
                 .and_then(|t| parse(&t))
                 .is_some_and(|s| s.0 == latest)
+                && std::fs::read_to_string(file.with_extension("json"))
+                    .is_ok_and(|t| t.contains(&latest))
         });
         // A few rotations, then a kill at a random moment: often while a
         // write is under way.

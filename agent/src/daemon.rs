@@ -128,35 +128,24 @@ pub async fn run(
     Ok(())
 }
 
-/// Counts a poll or refresh: a failure when it failed, or when it succeeded
-/// only by serving cached credentials because IMDS failed.
+/// Counts a poll or refresh that succeeded with IMDS answering. Failures
+/// are counted where they happen, by the provider's failure observer (see
+/// `run::provider`), which also sees background refreshes.
 fn record(
     metrics: &Metrics,
     result: Result<RoleCredentials, imds_client::Error>,
     provider: &ImdsCredentialsProvider,
     clock: &SharedTimeSource,
 ) {
-    let kind_of = |e: &imds_client::Error| {
-        let kind = format!("{:?}", e.kind());
-        kind.split([' ', '{', '('])
-            .next()
-            .unwrap_or("Other")
-            .to_owned()
-    };
-    let failure = match (&result, &*provider.subscribe().borrow()) {
-        (Err(e), _) => Some(kind_of(e)),
-        (
-            Ok(_),
-            ProviderState::Active {
-                last_error: Some(e),
-                ..
-            },
-        ) => Some(kind_of(e)),
-        _ => None,
-    };
-    match failure {
-        Some(kind) => metrics.failed(&kind),
-        None => metrics.refreshed(clock.now()),
+    let healthy = matches!(
+        &*provider.subscribe().borrow(),
+        ProviderState::Active {
+            last_error: None,
+            ..
+        }
+    );
+    if result.is_ok() && healthy {
+        metrics.refreshed(clock.now());
     }
 }
 

@@ -30,8 +30,11 @@ impl Metrics {
         self.last_success_unix.store(secs, Ordering::Relaxed);
     }
 
-    /// A failed refresh, by error kind.
-    pub fn failed(&self, kind: &str) {
+    /// A failed request to IMDS, counted by error kind (`ServerError`,
+    /// `Timeout`, `NoRoleAttached`, ...).
+    pub fn failed(&self, error: &imds_client::Error) {
+        let kind = format!("{:?}", error.kind());
+        let kind = kind.split([' ', '{', '(']).next().unwrap_or("Other");
         *self
             .failures
             .lock()

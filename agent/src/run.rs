@@ -46,8 +46,9 @@ fn validate_outputs(args: &RunArgs, activated: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the IMDS client and the provider from the flags.
-pub fn provider(args: &RunArgs) -> anyhow::Result<ImdsCredentialsProvider> {
+/// Builds the IMDS client and the provider from the flags; every failed
+/// request to IMDS is counted in `metrics`.
+pub fn provider(args: &RunArgs, metrics: Arc<Metrics>) -> anyhow::Result<ImdsCredentialsProvider> {
     let mut builder = ImdsClient::builder();
     if let Some(endpoint) = &args.imds_endpoint {
         builder = builder.endpoint(endpoint).context("--imds-endpoint")?;
@@ -65,7 +66,9 @@ pub fn provider(args: &RunArgs) -> anyhow::Result<ImdsCredentialsProvider> {
         builder = builder.max_attempts(n);
     }
     let client = builder.build().context("configuring the IMDS client")?;
-    let mut provider = ImdsCredentialsProvider::builder().source(client);
+    let mut provider = ImdsCredentialsProvider::builder()
+        .source(client)
+        .on_failure(move |error| metrics.failed(error));
     if let Some(window) = args.refresh_window {
         provider = provider.advisory_refresh_window(Duration::from_secs(window));
     }
@@ -144,7 +147,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     validate_outputs(&args, activated.is_some())?;
-    let provider = provider(&args)?;
+    let metrics = Arc::new(Metrics::default());
+    let provider = provider(&args, metrics.clone())?;
     let sinks = sinks(&args)?;
     let owns_socket_file = activated.is_none();
     let listener = match (activated, &args.socket) {
@@ -208,15 +212,7 @@ pub async fn run(
         limits: ServerLimits::default(),
         clock: SharedTimeSource::default(),
     };
-    let result = run_daemon(
-        provider,
-        sinks,
-        listener,
-        config,
-        Arc::new(Metrics::default()),
-        shutdown,
-    )
-    .await;
+    let result = run_daemon(provider, sinks, listener, config, metrics, shutdown).await;
     if let Some(path) = args.socket.as_ref().filter(|_| owns_socket_file) {
         let _ = std::fs::remove_file(path);
     }

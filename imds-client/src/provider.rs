@@ -63,6 +63,18 @@ pub struct ImdsCredentialsProviderBuilder {
     advisory: Option<Duration>,
     mandatory: Option<Duration>,
     static_stability: Option<bool>,
+    on_failure: Option<FailureObserver>,
+}
+
+/// A callback told of every failed request to IMDS (see
+/// [`ImdsCredentialsProviderBuilder::on_failure`]).
+#[derive(Clone)]
+struct FailureObserver(Arc<dyn Fn(&Error) + Send + Sync>);
+
+impl std::fmt::Debug for FailureObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FailureObserver")
+    }
 }
 
 impl ImdsCredentialsProviderBuilder {
@@ -100,6 +112,16 @@ impl ImdsCredentialsProviderBuilder {
         self
     }
 
+    /// Calls `observer` once for every failed attempt to reach IMDS: loads
+    /// (including background refreshes, whose errors callers never see),
+    /// role checks by [`poll`](ImdsCredentialsProvider::poll), and "no role
+    /// attached". Failures answered from a short-lived memo of an earlier one
+    /// are not repeated. Meant for metrics; it runs inline, so keep it cheap.
+    pub fn on_failure(mut self, observer: impl Fn(&Error) + Send + Sync + 'static) -> Self {
+        self.on_failure = Some(FailureObserver(Arc::new(observer)));
+        self
+    }
+
     /// Builds the provider.
     ///
     /// # Panics
@@ -124,6 +146,7 @@ impl ImdsCredentialsProviderBuilder {
                 refreshing: AtomicBool::new(false),
                 invalidated: AtomicBool::new(false),
                 state_tx,
+                on_failure: self.on_failure,
             }),
         }
     }
@@ -158,6 +181,7 @@ struct Inner {
     refreshing: AtomicBool,
     invalidated: AtomicBool,
     state_tx: watch::Sender<ProviderState>,
+    on_failure: Option<FailureObserver>,
 }
 
 /// Instance-role credentials from IMDS, cached and refreshed before expiry.
@@ -253,6 +277,7 @@ impl ImdsCredentialsProvider {
             }
             Ok(_) => self.load_or_keep(cached, Reason::Poll).await,
             Err(e) if e.is_transient() => {
+                self.observe_failure(&e);
                 tracing::warn!(error = %e, hint = e.hint(), "role check failed; keeping the current credentials");
                 self.set_health(Some(e));
                 self.role_credentials().await
@@ -474,6 +499,7 @@ impl ImdsCredentialsProvider {
 
     /// Updates the cache and state after a failed load; returns the error.
     fn record_failure(&self, error: Error) -> Error {
+        self.observe_failure(&error);
         let inner = &self.inner;
         let hint = error.hint();
         let mut cache = inner.cache.write().unwrap_or_else(|e| e.into_inner());
@@ -561,6 +587,12 @@ impl ImdsCredentialsProvider {
         };
         self.publish(state);
         error
+    }
+
+    fn observe_failure(&self, error: &Error) {
+        if let Some(FailureObserver(observer)) = &self.inner.on_failure {
+            observer(error);
+        }
     }
 
     fn publish(&self, state: ProviderState) {

@@ -442,3 +442,41 @@ async fn without_static_stability_valid_credentials_are_kept_until_their_real_ex
     let err = provider.credentials().await.unwrap_err();
     assert_eq!(err.kind(), &ErrorKind::ServerError { status: 503 });
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_failure_observer_sees_background_refresh_failures_callers_never_see() {
+    let clock = ManualTimeSource::new(start());
+    let fake = Fake::new("r", creds("AKID1", start(), 6 * HOUR));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let provider = {
+        let seen = seen.clone();
+        ImdsCredentialsProvider::builder()
+            .source(fake.clone())
+            .time_source(SharedTimeSource::new(clock.clone()))
+            .advisory_refresh_window(20 * MINUTE)
+            .on_failure(move |e| seen.lock().unwrap().push(e.kind().clone()))
+            .build()
+    };
+    provider.credentials().await.unwrap();
+    assert!(seen.lock().unwrap().is_empty(), "no failure yet");
+
+    // In the advisory window the refresh runs in the background and fails:
+    // the caller gets the cached credentials, the observer gets the error.
+    fake.set_creds(Err(ErrorKind::ServerError { status: 503 }));
+    advance(&clock, 5 * HOUR + 45 * MINUTE).await;
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKID1"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![ErrorKind::ServerError { status: 503 }]
+    );
+
+    // A failed role check in `poll` is seen too; its waiters add nothing.
+    fake.set_role(Err(ErrorKind::Timeout));
+    provider.poll().await.unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    assert_eq!(seen.lock().unwrap()[1], ErrorKind::Timeout);
+}
