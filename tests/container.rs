@@ -139,3 +139,58 @@ fn only_loopback_addresses_are_accepted() {
     eqnice!(Some(1), out.status.code());
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_idle_or_garbage_connections_are_bounded_and_timed_out() {
+    let imds = MockImds::builder().role("r").start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let port = free_port();
+    let mut cmd = agent();
+    cmd.arg("run")
+        .arg("--imds-endpoint")
+        .arg(imds.endpoint())
+        .arg("--container-endpoint")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--container-token-file")
+        .arg(&token_file);
+    let running = Running::start(cmd);
+    wait_for("the token file", || token_file.exists());
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let host = format!("Host: 127.0.0.1:{port}\r\n");
+    let authorised = format!("{host}Authorization: {token}\r\n");
+    wait_for("credentials", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok() && request(port, &authorised).0 == 200
+    });
+
+    let mut hostile: Vec<TcpStream> = (0..1000)
+        .map(|i| {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            if i % 2 == 1 {
+                let _ = stream.write_all(b"\x16\x03\x01 not http, half a head\r\nX: ");
+            }
+            stream
+        })
+        .collect();
+    // A good client is served while they are all held.
+    eqnice!(200, request(port, &authorised).0);
+
+    // None of them is kept past the header timeout (5 s).
+    for stream in &mut hostile {
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        // Closed by the agent: end of file (after a 4xx for the garbage).
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("a hostile connection was kept open: {e}"),
+            }
+        }
+    }
+    eqnice!(200, request(port, &authorised).0);
+    assert!(running.stop_with(Signal::TERM).success());
+}

@@ -143,7 +143,9 @@ async fn credentials(State(app): State<App>, headers: HeaderMap) -> Response {
     }
 }
 
-/// Serves the endpoint until `shutdown` resolves.
+/// Serves the endpoint until `shutdown` resolves, with the same connection
+/// limits as the Unix socket: any local process (or container) can reach a
+/// loopback port, so idle or flooding clients must not exhaust the agent.
 pub async fn serve(
     listener: TcpListener,
     token: SecretString,
@@ -160,8 +162,12 @@ pub async fn serve(
             state,
             clock,
         });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving the container-credentials endpoint")
+    crate::limits::serve_limited(
+        listener,
+        crate::server::ServerLimits::default(),
+        |_| app.clone(),
+        shutdown,
+    )
+    .await;
+    Ok(())
 }

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod demo;
 pub mod doctor;
 pub mod format;
+mod limits;
 pub mod metrics;
 pub mod mock_imds;
 pub mod notify;

@@ -8,20 +8,19 @@
 //! others.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Extension, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use imds_client::{ProviderState, SharedTimeSource};
-use tokio::net::UnixListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
 
 use crate::format::credential_process_json;
+pub use crate::limits::ServerLimits;
+use crate::limits::serve_limited;
 use crate::metrics::Metrics;
 
 /// Who may use the socket beyond what its file mode allows.
@@ -38,30 +37,6 @@ impl AccessPolicy {
         (self.uids.is_empty() && self.gids.is_empty())
             || self.uids.contains(&uid)
             || self.gids.contains(&gid)
-    }
-}
-
-/// Limits that keep one client from starving the others.
-#[derive(Debug, Clone, Copy)]
-pub struct ServerLimits {
-    /// Connections served at once; more are closed at once.
-    pub max_connections: usize,
-    /// Time a client has to send its request headers.
-    pub header_timeout: Duration,
-    /// The longest a connection may stay open.
-    pub connection_lifetime: Duration,
-    /// Largest request head, in bytes.
-    pub max_header_bytes: usize,
-}
-
-impl Default for ServerLimits {
-    fn default() -> Self {
-        Self {
-            max_connections: 1024,
-            header_timeout: Duration::from_secs(5),
-            connection_lifetime: Duration::from_secs(30),
-            max_header_bytes: 16 * 1024,
-        }
     }
 }
 
@@ -199,29 +174,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         clock,
     });
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting a socket connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                limit = limits.max_connections,
-                "too many socket connections; closing a new one"
-            );
-            continue;
-        };
+    let service_for = |stream: &UnixStream| {
         let allowed = match stream.peer_cred() {
             Ok(cred) => {
                 let allowed = policy.allows(cred.uid(), cred.gid());
@@ -241,30 +194,7 @@ pub async fn serve(
                 false
             }
         };
-        let service = TowerToHyperService::new(app.clone().layer(Extension(Peer { allowed })));
-        let mut stop = stop_tx.subscribe();
-        let done = done_tx.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _done = done;
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .max_buf_size(limits.max_header_bytes.max(8192))
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            let lifetime = tokio::time::sleep(limits.connection_lifetime);
-            tokio::pin!(lifetime);
-            tokio::select! {
-                _ = connection.as_mut() => return,
-                _ = stop.recv() => {}
-                () = &mut lifetime => {}
-            }
-            connection.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(2), connection).await;
-        });
-    }
-    drop(stop_tx);
-    drop(done_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(5), done_rx.recv()).await;
+        app.clone().layer(Extension(Peer { allowed }))
+    };
+    serve_limited(listener, limits, service_for, shutdown).await;
 }
