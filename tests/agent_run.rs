@@ -7,7 +7,7 @@ use imds_client::mock::{Fault, FaultDuration, MockImds};
 use rustix::process::Signal;
 
 use crate::eqnice;
-use crate::util::{Running, agent, unix_get, wait_for};
+use crate::util::{Running, agent, agent_against, unix_get, wait_for};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -27,11 +27,8 @@ impl Setup {
         Running::start(self.command(imds, extra))
     }
     fn command(&self, imds: &MockImds, extra: &[&str]) -> std::process::Command {
-        let mut cmd = agent();
-        cmd.arg("run")
-            .arg("--imds-endpoint")
-            .arg(imds.endpoint())
-            .arg("--credentials-file")
+        let mut cmd = agent_against(imds);
+        cmd.arg("--credentials-file")
             .arg(self.path("credentials"))
             .arg("--json-file")
             .arg(self.path("credentials.json"))

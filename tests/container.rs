@@ -8,7 +8,7 @@ use imds_client::mock::MockImds;
 use rustix::process::Signal;
 
 use crate::eqnice;
-use crate::util::{Running, agent, wait_for};
+use crate::util::{Running, agent, agent_against, wait_for};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -40,11 +40,8 @@ async fn the_token_is_required_and_forged_requests_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     let port = free_port();
-    let mut cmd = agent();
+    let mut cmd = agent_against(&imds);
     cmd.env("IMDS_AGENT_LOG", "trace")
-        .arg("run")
-        .arg("--imds-endpoint")
-        .arg(imds.endpoint())
         .arg("--container-endpoint")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--container-token-file")
@@ -146,11 +143,8 @@ async fn a_thousand_idle_or_garbage_connections_are_bounded_and_timed_out() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     let port = free_port();
-    let mut cmd = agent();
-    cmd.arg("run")
-        .arg("--imds-endpoint")
-        .arg(imds.endpoint())
-        .arg("--container-endpoint")
+    let mut cmd = agent_against(&imds);
+    cmd.arg("--container-endpoint")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--container-token-file")
         .arg(&token_file);

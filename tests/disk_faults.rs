@@ -14,7 +14,7 @@ use imds_client::mock::MockImds;
 use rustix::process::Signal;
 
 use crate::eqnice;
-use crate::util::{Running, agent, metric, wait_for};
+use crate::util::{Running, agent_against, metric, wait_for};
 
 /// A small tmpfs, unmounted when dropped.
 struct Tmpfs {
@@ -81,11 +81,8 @@ impl Scenario {
         let imds = MockImds::builder().role("r").start().await.unwrap();
         let socket = dir.join("agent.sock");
         let log = dir.join("agent.log");
-        let mut cmd = agent();
+        let mut cmd = agent_against(&imds);
         cmd.env("IMDS_AGENT_LOG", "info")
-            .arg("run")
-            .arg("--imds-endpoint")
-            .arg(imds.endpoint())
             .arg("--credentials-file")
             .arg(credentials_file)
             .arg("--socket")

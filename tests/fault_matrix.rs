@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use imds_client::mock::{Fault, FaultDuration, MockImds};
 use rustix::process::Signal;
 
-use crate::util::{Running, agent, metric_sum, unix_get, wait_for};
+use crate::util::{Running, agent_against, metric_sum, unix_get, wait_for};
 
 #[derive(Debug, Clone)]
 enum Injected {
@@ -105,11 +105,8 @@ fn faults() -> Vec<(&'static str, Injected)> {
 fn start(imds: &MockImds, dir: &Path) -> (Running, PathBuf, PathBuf) {
     let file = dir.join("credentials");
     let socket = dir.join("agent.sock");
-    let mut cmd = agent();
-    cmd.arg("run")
-        .arg("--imds-endpoint")
-        .arg(imds.endpoint())
-        .arg("--credentials-file")
+    let mut cmd = agent_against(imds);
+    cmd.arg("--credentials-file")
         .arg(&file)
         .arg("--socket")
         .arg(&socket)

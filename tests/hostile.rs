@@ -8,18 +8,15 @@ use imds_client::mock::{Fault, FaultDuration, MockImds};
 use rustix::process::Signal;
 
 use crate::eqnice;
-use crate::util::{Running, agent, unix_get, wait_for};
+use crate::util::{Running, agent, agent_against, unix_get, wait_for};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_slow_huge_and_garbage_clients_do_not_block_a_good_one() {
     let imds = MockImds::builder().role("r").start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agent.sock");
-    let mut cmd = agent();
-    cmd.arg("run")
-        .arg("--imds-endpoint")
-        .arg(imds.endpoint())
-        .arg("--socket")
+    let mut cmd = agent_against(&imds);
+    cmd.arg("--socket")
         .arg(&socket)
         .args(["--socket-mode", "0660", "--log-format", "json"]);
     let mut running = Running::start(cmd);
@@ -167,12 +164,8 @@ async fn a_thousand_hostile_connections_keep_memory_bounded_and_good_clients_ser
     let imds = MockImds::builder().role("r").start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agent.sock");
-    let mut cmd = agent();
-    cmd.arg("run")
-        .arg("--imds-endpoint")
-        .arg(imds.endpoint())
-        .arg("--socket")
-        .arg(&socket);
+    let mut cmd = agent_against(&imds);
+    cmd.arg("--socket").arg(&socket);
     let mut running = Running::start(cmd);
     wait_for("credentials on the socket", || {
         unix_get(&socket, "/credentials").is_ok_and(|(s, _)| s == 200)

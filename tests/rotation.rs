@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use imds_client::mock::MockImds;
 use rustix::process::Signal;
 
-use crate::util::{Running, agent, wait_for};
+use crate::util::{Running, agent_against, wait_for};
 
 /// Parses the credentials file: (key, secret, token) of the `default` profile.
 fn parse(text: &str) -> Option<(String, String, String)> {
@@ -28,11 +28,8 @@ async fn readers_never_see_partial_or_mixed_files_across_rotations_and_a_kill() 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("credentials");
     let start = |imds: &MockImds| {
-        let mut cmd = agent();
-        cmd.arg("run")
-            .arg("--imds-endpoint")
-            .arg(imds.endpoint())
-            .arg("--credentials-file")
+        let mut cmd = agent_against(imds);
+        cmd.arg("--credentials-file")
             .arg(&file)
             .args(["--poll-interval", "1"])
             .arg("--socket")
@@ -136,11 +133,8 @@ async fn sigkill_at_random_points_never_leaves_a_partial_mixed_or_open_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("credentials");
     let start = || {
-        let mut cmd = agent();
-        cmd.arg("run")
-            .arg("--imds-endpoint")
-            .arg(imds.endpoint())
-            .arg("--credentials-file")
+        let mut cmd = agent_against(&imds);
+        cmd.arg("--credentials-file")
             .arg(&file)
             .arg("--json-file")
             .arg(file.with_extension("json"))

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use imds_client::mock::MockImds;
 use rustix::process::Signal;
 
-use crate::util::{Running, agent, metric, unix_get, wait_for};
+use crate::util::{Running, agent_against, metric, unix_get, wait_for};
 
 /// What is measured of the agent process.
 #[derive(Debug, Clone, Copy)]
@@ -57,11 +57,8 @@ fn soak(rotations: usize) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("credentials");
     let socket = dir.path().join("agent.sock");
-    let mut cmd = agent();
-    cmd.arg("run")
-        .arg("--imds-endpoint")
-        .arg(imds.endpoint())
-        .arg("--credentials-file")
+    let mut cmd = agent_against(&imds);
+    cmd.arg("--credentials-file")
         .arg(&file)
         .arg("--json-file")
         .arg(dir.path().join("credentials.json"))

@@ -135,3 +135,10 @@ pub(crate) fn metric_sum(socket: &std::path::Path, name: &str) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
+
+/// `imds-agent run --imds-endpoint <the emulator>`, to which a test adds its outputs.
+pub(crate) fn agent_against(imds: &imds_client::mock::MockImds) -> Command {
+    let mut cmd = agent();
+    cmd.arg("run").arg("--imds-endpoint").arg(imds.endpoint());
+    cmd
+}
