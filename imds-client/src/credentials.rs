@@ -90,9 +90,21 @@ impl Credentials {
                 message: doc.message.unwrap_or_default(),
             }));
         }
+        // What IMDS hands out ends up in INI files and HTTP headers: refuse
+        // anything an AWS key could not contain (a newline would inject lines
+        // into a credentials file) rather than pass it on.
         let access_key_id = required(doc.access_key_id, "AccessKeyId")?;
+        plausible(&access_key_id, "AccessKeyId", 16..=128, |c| {
+            c.is_ascii_alphanumeric()
+        })?;
         let secret_access_key = required(doc.secret_access_key, "SecretAccessKey")?;
+        plausible(&secret_access_key, "SecretAccessKey", 16..=1024, |c| {
+            c.is_ascii_graphic()
+        })?;
         let session_token = required(doc.token, "Token")?;
+        plausible(&session_token, "Token", 16..=MAX_TOKEN_LEN, |c| {
+            c.is_ascii_graphic()
+        })?;
         let expiration = parse_rfc3339(&required(doc.expiration, "Expiration")?)
             .ok_or_else(|| malformed("Expiration is not an RFC 3339 time"))?;
         let mut credentials =
@@ -100,7 +112,9 @@ impl Credentials {
         if let Some(updated) = doc.last_updated.as_deref().and_then(parse_rfc3339) {
             credentials.last_updated = Some(updated);
         }
-        credentials.account_id = doc.account_id.filter(|id| !id.is_empty());
+        credentials.account_id = doc.account_id.filter(|id| {
+            !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_digit())
+        });
         Ok(credentials)
     }
 
@@ -202,6 +216,33 @@ fn required(value: Option<String>, field: &str) -> Result<String, Error> {
         Some(_) => Err(malformed(format!("{field} is empty"))),
         None => Err(malformed(format!("{field} is missing"))),
     }
+}
+
+/// The longest session token accepted (real ones are 1-2 KB).
+const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// Checks a field's length and characters; the error names the field and
+/// the rule, never the value (it may be a secret).
+fn plausible(
+    value: &str,
+    field: &str,
+    length: std::ops::RangeInclusive<usize>,
+    allowed: impl Fn(char) -> bool,
+) -> Result<(), Error> {
+    if !length.contains(&value.len()) {
+        return Err(malformed(format!(
+            "{field} is {} characters long; expected {} to {}",
+            value.len(),
+            length.start(),
+            length.end()
+        )));
+    }
+    if !value.chars().all(allowed) {
+        return Err(malformed(format!(
+            "{field} has characters an AWS credential never has (whitespace, control or non-ASCII)"
+        )));
+    }
+    Ok(())
 }
 
 fn malformed(what: impl Into<String>) -> Error {
@@ -309,6 +350,38 @@ mod tests {
     }
 
     #[test]
+    fn values_no_aws_credential_has_are_refused_without_being_quoted() {
+        let with = |key: &str, secret: &str, token: &str| {
+            serde_json::json!({
+                "Code": "Success",
+                "AccessKeyId": key,
+                "SecretAccessKey": secret,
+                "Token": token,
+                "Expiration": "2026-11-28T18:00:00Z",
+            })
+            .to_string()
+        };
+        let injected = format!("{TOKEN}\n[evil]\ncredential_process = /bin/sh");
+        let cases = [
+            with("ASIAEXAMPLE123456789", SECRET, &injected),
+            with("ASIAEXAMPLE123456789", &format!("{SECRET} x"), TOKEN),
+            with("ASIAEXAMPLE12345678\u{e9}", SECRET, TOKEN),
+            with("ASIA\nEXAMPLE123456789", SECRET, TOKEN),
+            with("ASIA", SECRET, TOKEN),
+            with("ASIAEXAMPLE123456789", SECRET, &"t".repeat(20_000)),
+        ];
+        for body in cases {
+            let err = Credentials::from_imds_json(body.as_bytes()).unwrap_err();
+            assert!(
+                matches!(err.kind(), ErrorKind::MalformedResponse { .. }),
+                "{err:?}"
+            );
+            let shown = format!("{err} {err:?}");
+            assert!(!shown.contains(SECRET) && !shown.contains(TOKEN), "{shown}");
+        }
+    }
+
+    #[test]
     fn converts_to_sdk_credentials() {
         let creds = Credentials::from_imds_json(doc("Success").as_bytes()).unwrap();
         let sdk = creds.to_aws_credentials("imds-client");
@@ -336,20 +409,27 @@ mod proptests {
         fn parsing_never_panics_on_json_shaped_input(
             code in prop_oneof![Just("Success".to_owned()), "[A-Za-z]{0,12}"],
             key in "[ -~]{0,24}",
+            secret in "[ -~\n]{0,48}",
             expiration in prop_oneof![Just("2026-11-28T18:00:00Z".to_owned()), "[ -~]{0,24}"],
             drop_field in 0usize..6,
         ) {
             let mut fields = vec![
                 format!("\"Code\":{}", serde_json::to_string(&code).unwrap()),
                 format!("\"AccessKeyId\":{}", serde_json::to_string(&key).unwrap()),
-                "\"SecretAccessKey\":\"s\"".to_owned(),
-                "\"Token\":\"t\"".to_owned(),
+                format!("\"SecretAccessKey\":{}", serde_json::to_string(&secret).unwrap()),
+                format!("\"Token\":{}", serde_json::to_string(&secret).unwrap()),
                 format!("\"Expiration\":{}", serde_json::to_string(&expiration).unwrap()),
             ];
             if drop_field < fields.len() { fields.remove(drop_field); }
             let body = format!("{{{}}}", fields.join(","));
             match Credentials::from_imds_json(body.as_bytes()) {
-                Ok(c) => prop_assert!(!c.access_key_id().trim().is_empty()),
+                // Whatever is accepted is safe to write into an INI line.
+                Ok(c) => {
+                    for field in [c.access_key_id(), c.secret_access_key(), c.session_token()] {
+                        prop_assert!(!field.is_empty());
+                        prop_assert!(field.chars().all(|ch| ch.is_ascii_graphic()));
+                    }
+                }
                 Err(e) => prop_assert!(!e.to_string().is_empty()),
             }
         }
