@@ -388,12 +388,22 @@ impl ImdsClient {
             return Ok(name.clone());
         }
         match self.get(ROLE_LIST_PATH).await {
-            Ok(body) => body
-                .lines()
-                .map(str::trim)
-                .find(|l| !l.is_empty())
-                .map(str::to_owned)
-                .ok_or_else(|| Error::new(ErrorKind::NoRoleAttached)),
+            Ok(body) => {
+                let role = body
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty())
+                    .ok_or_else(|| Error::new(ErrorKind::NoRoleAttached))?;
+                // IAM role names are 1-64 of `[A-Za-z0-9+=,.@_-]`. Anything else
+                // would end up in URLs, logs and file comments: refuse it.
+                let iam_char = |c: char| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c);
+                if role.len() > 64 || !role.chars().all(iam_char) {
+                    return Err(Error::new(ErrorKind::MalformedResponse {
+                        what: "the role list holds a name IAM does not allow".into(),
+                    }));
+                }
+                Ok(role.to_owned())
+            }
             Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {
                 Err(Error::new(ErrorKind::NoRoleAttached))
             }

@@ -398,3 +398,19 @@ fn settings_follow_builder_then_environment_then_defaults() {
         assert!(err.to_string().contains("token_ttl"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn a_role_name_iam_would_not_allow_is_refused() {
+    let imds = MockImds::builder().start().await.unwrap();
+    let client = client(&imds);
+    for bad in ["role\r[evil]", "role name", "r\u{e9}le", &"r".repeat(65)] {
+        imds.attach_role(bad);
+        let err = client.role_name().await.unwrap_err();
+        assert!(
+            matches!(err.kind(), ErrorKind::MalformedResponse { .. }),
+            "{bad:?}: {err:?}"
+        );
+    }
+    imds.attach_role("app_role+=,.@-1");
+    assert_eq!("app_role+=,.@-1", client.role_name().await.unwrap());
+}
