@@ -459,4 +459,40 @@ mod tests {
         update_file(&path, &FileOptions::default(), |_| Ok(Some("new".into()))).unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), "new");
     }
+
+    #[test]
+    fn a_bind_mounted_target_gets_a_clear_error_and_in_place_mode_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("host-file");
+        let target = dir.path().join("credentials");
+        fs::write(&source, "old").unwrap();
+        fs::write(&target, "").unwrap();
+        let mounted = std::process::Command::new("mount")
+            .arg("--bind")
+            .arg(&source)
+            .arg(&target)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: bind mounts need root");
+            return;
+        }
+        let unmount = || {
+            let _ = std::process::Command::new("umount").arg(&target).status();
+        };
+        let replaced = update_file(&target, &FileOptions::default(), |_| Ok(Some("new".into())));
+        let in_place = FileOptions {
+            in_place: true,
+            ..FileOptions::default()
+        };
+        let written = update_file(&target, &in_place, |_| Ok(Some("new".into())));
+        unmount();
+        let err = format!("{:#}", replaced.unwrap_err());
+        assert!(
+            err.contains("bind-mounted") && err.contains("--in-place"),
+            "{err}"
+        );
+        written.unwrap();
+        assert_eq!(fs::read_to_string(&source).unwrap(), "new");
+    }
 }
