@@ -3,6 +3,9 @@
 //! valid, counts the failure in its metrics, and recovers once the fault
 //! clears.
 //!
+//! In steady state, `/healthz` says `degraded` (HTTP 200) while a fault that
+//! hits every request lasts (status, latency, drops, 401s, disabled).
+//!
 //! | fault                  | cold start: outputs | cold: health | steady: outputs after a rotation + SIGHUP |
 //! |------------------------|---------------------|--------------|-------------------------------------------|
 //! | 500 / 503 burst (2)    | written             | ok           | new keys (absorbed by retries)            |
@@ -47,6 +50,22 @@ impl Injected {
             Injected::Disabled => imds.set_enabled(false),
             Injected::TokensRequired => imds.set_tokens_required(true),
         }
+    }
+
+    /// Whether it hits the role check too (every request), so that health
+    /// stays degraded for as long as it lasts.
+    fn hits_every_request(&self) -> bool {
+        matches!(
+            self,
+            Injected::Disabled
+                | Injected::Fault(
+                    Fault::Status { .. }
+                        | Fault::Latency { .. }
+                        | Fault::Drop
+                        | Fault::TokenRejected,
+                    FaultDuration::Forever
+                )
+        )
     }
 
     /// Whether the agent gets through it without a failure.
@@ -165,6 +184,11 @@ async fn steady_state_every_fault_keeps_good_keys_counts_and_recovers() {
             running.signal(Signal::HUP);
             wait_for(name, || failures(&socket) > counted);
             assert_eq!(Some(old), key_in(&file), "{name}: the good keys must stay");
+            if injected.hits_every_request() {
+                let (status, body) = unix_get(&socket, "/healthz").unwrap();
+                assert_eq!(200, status, "{name}: {body}");
+                assert!(body.contains("degraded"), "{name}: {body}");
+            }
         }
         clear(&imds);
         imds.set_tokens_required(false);
