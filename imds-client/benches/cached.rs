@@ -105,6 +105,13 @@ fn main() {
                 })
             })
         });
+        group.bench_function("ours_role_credentials_2_threads", |b: &mut Bencher<'_>| {
+            b.iter_custom(|iters| {
+                two_threads(&rt, iters, &|| {
+                    now_or_block(&rt, ours.role_credentials()).is_ok()
+                })
+            })
+        });
         group.bench_function("sdk_2_threads", |b: &mut Bencher<'_>| {
             b.iter_custom(|iters| two_threads(&rt, iters, &|| now_or_block(&rt, sdk.get()).is_ok()))
         });
@@ -141,6 +148,14 @@ fn main() {
         ours: show(rc),
         sdk: show(s1),
         ratio: ratio(rc, s1),
+        ..Row::default()
+    });
+    let rc2 = get("ours_role_credentials_2_threads");
+    report(Row {
+        figure: "cached call, role_credentials(), 2 threads at once",
+        ours: show(rc2),
+        sdk: show(s2),
+        ratio: ratio(rc2, s2),
         ..Row::default()
     });
     report(Row {
