@@ -1,8 +1,8 @@
 //! The caching, refreshing credentials provider.
 //!
 //! [`ImdsCredentialsProvider`] answers from a cache while credentials are
-//! fresh: a read of an `Arc` snapshot under a `std` lock held for nanoseconds,
-//! no network, no lock held across I/O. Around expiry it refreshes in two
+//! fresh: a lock-free read of an `Arc` snapshot (`arc-swap`) and one clock
+//! reading, no network, no lock held across I/O. Around expiry it refreshes in two
 //! windows:
 //!
 //! - the **advisory** window (by default half the credentials' lifetime, at
@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 
 use crate::credentials::format_rfc3339;
@@ -140,6 +141,7 @@ impl ImdsCredentialsProviderBuilder {
                 jitter: 0.8 + fastrand::f64() * 0.2,
                 static_stability: self.static_stability.unwrap_or(true),
                 cache: RwLock::new(None),
+                fresh: ArcSwapOption::empty(),
                 load_lock: tokio::sync::Mutex::new(()),
                 generation: AtomicU64::new(0),
                 last_outcome: Mutex::new(None),
@@ -166,6 +168,15 @@ struct Cached {
     last_error: Option<Error>,
 }
 
+/// What the cached path reads without a lock: the credentials and the local
+/// time until which the cache answers with them unchecked (before the advisory
+/// window, or inside a backoff before expiry).
+#[derive(Debug)]
+struct Fresh {
+    current: RoleCredentials,
+    until: SystemTime,
+}
+
 #[derive(Debug)]
 struct Inner {
     source: Arc<dyn CredentialsSource>,
@@ -175,6 +186,8 @@ struct Inner {
     jitter: f64,
     static_stability: bool,
     cache: RwLock<Option<Cached>>,
+    /// Derived from `cache`, republished under its write lock on every change.
+    fresh: ArcSwapOption<Fresh>,
     load_lock: tokio::sync::Mutex<()>,
     generation: AtomicU64,
     last_outcome: Mutex<Option<(Result<RoleCredentials, Error>, SystemTime)>>,
@@ -219,6 +232,9 @@ impl ImdsCredentialsProvider {
 
     /// Current credentials: from the cache while fresh, otherwise loaded.
     pub async fn credentials(&self) -> Result<crate::Credentials, Error> {
+        if let Some(credentials) = self.fresh(|rc| (*rc.credentials).clone()) {
+            return Ok(credentials);
+        }
         self.role_credentials()
             .await
             .map(|rc| (*rc.credentials).clone())
@@ -226,6 +242,9 @@ impl ImdsCredentialsProvider {
 
     /// Current credentials with the role they belong to.
     pub async fn role_credentials(&self) -> Result<RoleCredentials, Error> {
+        if let Some(current) = self.fresh(RoleCredentials::clone) {
+            return Ok(current);
+        }
         let inner = &self.inner;
         let Some(cached) = self.snapshot() else {
             if let Some(Err(e)) = self.recent_failure() {
@@ -298,6 +317,7 @@ impl ImdsCredentialsProvider {
             if cached.current.credentials.expiration() <= now {
                 return;
             }
+            // Only `last_error` changes: the lock-free view stays as it is.
             cached.last_error = error.clone();
             ProviderState::Active {
                 current: cached.current.clone(),
@@ -322,6 +342,38 @@ impl ImdsCredentialsProvider {
     /// The last good credentials, if any (even expired).
     pub fn last_good(&self) -> Option<RoleCredentials> {
         self.snapshot().map(|c| c.current)
+    }
+
+    /// The cached path: `read` applied to the cached credentials when the
+    /// cache would hand them out unchecked, without taking a lock. Equivalent
+    /// to the first return of [`role_credentials`](Self::role_credentials).
+    fn fresh<T>(&self, read: impl FnOnce(&RoleCredentials) -> T) -> Option<T> {
+        let inner = &self.inner;
+        if inner.invalidated.load(Ordering::Acquire) {
+            return None;
+        }
+        let fresh = inner.fresh.load();
+        let fresh = fresh.as_ref()?;
+        (inner.clock.now() < fresh.until).then(|| read(&fresh.current))
+    }
+
+    /// Republishes the lock-free view of `cache`; called with its write lock held.
+    fn republish_fresh(&self, cache: &Option<Cached>) {
+        let fresh = cache.as_ref().and_then(|c| {
+            // `role_credentials` answers unchecked while, on IMDS time,
+            // now < expires - advisory, or now < min(not_before, expires).
+            let advisory = c.expires.checked_sub(self.advisory_window(c));
+            let blocked = c.not_before.map(|t| t.min(c.expires));
+            let until = match (advisory, blocked) {
+                (Some(a), Some(b)) => a.max(b),
+                (a, b) => a.or(b)?,
+            };
+            Some(Arc::new(Fresh {
+                current: c.current.clone(),
+                until: shift(until, -c.skew_secs),
+            }))
+        });
+        self.inner.fresh.store(fresh);
     }
 
     fn snapshot(&self) -> Option<Cached> {
@@ -489,7 +541,11 @@ impl ImdsCredentialsProvider {
             not_before,
             last_error: None,
         };
-        *inner.cache.write().unwrap_or_else(|e| e.into_inner()) = Some(cached);
+        {
+            let mut cache = inner.cache.write().unwrap_or_else(|e| e.into_inner());
+            *cache = Some(cached);
+            self.republish_fresh(&cache);
+        }
         self.publish(ProviderState::Active {
             current: current.clone(),
             last_error: None,
@@ -558,11 +614,13 @@ impl ImdsCredentialsProvider {
                     last_error: Some(error.clone()),
                 }
             };
+            self.republish_fresh(&cache);
             drop(cache);
             self.publish(state);
             return error;
         }
         let previous = cache.take();
+        self.republish_fresh(&cache);
         drop(cache);
         let state = match error.kind() {
             ErrorKind::NoRoleAttached => {
