@@ -333,8 +333,8 @@ async fn imds_unreachable_at_start_keeps_the_agent_waiting_not_exiting() {
         "the agent must keep running"
     );
 
-    // IMDS comes up: the agent delivers (the client remembers an unreachable
-    // endpoint for 30 s, so this takes up to about half a minute).
+    // IMDS comes up: the agent delivers at its next poll (it keeps no memo
+    // of the unreachable endpoint).
     let imds = MockImds::builder()
         .role("late-role")
         .listen(([127, 0, 0, 1], port).into())
@@ -342,15 +342,8 @@ async fn imds_unreachable_at_start_keeps_the_agent_waiting_not_exiting() {
         .await
         .unwrap();
     let issued = imds.current_credentials().unwrap();
-    for _ in 0..40 {
-        if key_in_file(&setup.path("credentials")).as_deref() == Some(issued.access_key_id()) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_secs(1));
-    }
-    eqnice!(
-        Some(issued.access_key_id().to_owned()),
-        key_in_file(&setup.path("credentials"))
-    );
+    wait_for("delivery within a few polls", || {
+        key_in_file(&setup.path("credentials")).as_deref() == Some(issued.access_key_id())
+    });
     assert!(running.stop_with(Signal::TERM).success());
 }

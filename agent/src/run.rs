@@ -65,7 +65,12 @@ pub fn provider(args: &RunArgs, metrics: Arc<Metrics>) -> anyhow::Result<ImdsCre
     if let Some(n) = args.attempts {
         builder = builder.max_attempts(n);
     }
-    let client = builder.build().context("configuring the IMDS client")?;
+    // The agent polls on its own schedule: no memo of an unreachable IMDS,
+    // so that it delivers at the first poll after IMDS comes up (early boot).
+    let client = builder
+        .unreachable_memo(Duration::ZERO)
+        .build()
+        .context("configuring the IMDS client")?;
     let mut provider = ImdsCredentialsProvider::builder()
         .source(client)
         .on_failure(move |error| metrics.failed(error));

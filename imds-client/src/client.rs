@@ -34,8 +34,9 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(21_600);
 /// The most of a response body the client will read.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
-/// How long an unreachable endpoint is remembered, so that a caller's retry
-/// loop fails at once instead of waiting for a connect timeout each time.
+/// How long an endpoint that did not answer (nothing listening, or a token
+/// request never answered) is remembered by default, so that a caller's retry
+/// loop fails at once instead of waiting for a timeout each time.
 pub const UNREACHABLE_MEMO: Duration = Duration::from_secs(30);
 
 const TOKEN_PATH: &str = "/latest/api/token";
@@ -54,7 +55,7 @@ const EXTENDED_PATH: &str = "/latest/meta-data/iam/security-credentials-extended
 /// | 401 | once, at once, with a new token (outside the attempt budget) |
 /// | 400, 403, 404, other 4xx | no |
 /// | nothing listening (connect refused / timed out) | no: fails fast and is remembered for [`UNREACHABLE_MEMO`] |
-/// | token request connects but never answers | no: the hop-limit symptom, reported as [`ErrorKind::TokenTimeout`] |
+/// | token request connects but never answers | no: the hop-limit symptom, reported as [`ErrorKind::TokenTimeout`] and remembered like an unreachable endpoint |
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
     max_attempts: u32,
@@ -94,6 +95,7 @@ pub struct ImdsClientBuilder {
     token_ttl: Option<Duration>,
     imdsv1_fallback: Option<bool>,
     profile_name: Option<String>,
+    unreachable_memo: Option<Duration>,
     env: Env,
 }
 
@@ -149,6 +151,16 @@ impl ImdsClientBuilder {
     /// (or `AWS_EC2_INSTANCE_PROFILE_NAME`).
     pub fn profile_name(mut self, name: impl Into<String>) -> Self {
         self.profile_name = Some(name.into());
+        self
+    }
+
+    /// How long an endpoint that did not answer (nothing listening, or a
+    /// token request never answered) is remembered: calls within that time
+    /// fail at once with the same error instead of waiting for a timeout
+    /// again. Default: [`UNREACHABLE_MEMO`]; `Duration::ZERO` turns it off
+    /// (for a caller with its own schedule, like the agent's poll).
+    pub fn unreachable_memo(mut self, memo: Duration) -> Self {
+        self.unreachable_memo = Some(memo);
         self
     }
 
@@ -280,6 +292,7 @@ impl ImdsClientBuilder {
                 disabled,
                 profile_name,
                 tokens: TokenCache::default(),
+                unreachable_memo: self.unreachable_memo.unwrap_or(UNREACHABLE_MEMO),
                 unreachable_until: Mutex::new(None),
                 credentials_path: AtomicU8::new(PATH_UNKNOWN),
             }),
@@ -314,7 +327,9 @@ struct Inner {
     disabled: bool,
     profile_name: Option<String>,
     tokens: TokenCache,
-    unreachable_until: Mutex<Option<Instant>>,
+    unreachable_memo: Duration,
+    /// Until when, and which failure (`Unreachable` or `TokenTimeout`).
+    unreachable_until: Mutex<Option<(Instant, ErrorKind)>>,
     credentials_path: AtomicU8,
 }
 
@@ -466,12 +481,15 @@ impl ImdsClient {
         if inner.disabled {
             return Err(Error::new(ErrorKind::Disabled));
         }
-        let memo = *inner
+        let memo = inner
             .unreachable_until
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if memo.is_some_and(|until| Instant::now() < until) {
-            return Err(Error::new(ErrorKind::Unreachable));
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some((until, kind)) = memo
+            && Instant::now() < until
+        {
+            return Err(Error::new(kind));
         }
         let policy = inner.retry;
         let result = (|| self.attempt(path))
@@ -486,12 +504,14 @@ impl ImdsClient {
             })
             .await;
         if let Err(e) = &result
-            && matches!(e.kind(), ErrorKind::Unreachable)
+            && matches!(e.kind(), ErrorKind::Unreachable | ErrorKind::TokenTimeout)
+            && !inner.unreachable_memo.is_zero()
         {
             *inner
                 .unreachable_until
                 .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + UNREACHABLE_MEMO);
+                .unwrap_or_else(|e| e.into_inner()) =
+                Some((Instant::now() + inner.unreachable_memo, e.kind().clone()));
         }
         result
     }

@@ -9,6 +9,7 @@
 //! of the document into the error, since the document holds secrets.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Deserialize;
@@ -21,9 +22,16 @@ use crate::secret::SecretString;
 /// Temporary role credentials from IMDS.
 ///
 /// `Debug` and `Display` show the access key id and expiry, never the secret
-/// access key or the session token; both secrets are zeroed on drop.
-#[derive(Clone, PartialEq, Eq)]
+/// access key or the session token; both secrets are zeroed when the last
+/// clone is dropped. Cloning is cheap (one shared, immutable value): a cached
+/// call hands out a clone without copying any secret.
+#[derive(Clone)]
 pub struct Credentials {
+    parts: Arc<Parts>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+struct Parts {
     access_key_id: String,
     secret_access_key: SecretString,
     session_token: SecretString,
@@ -31,6 +39,14 @@ pub struct Credentials {
     last_updated: Option<SystemTime>,
     account_id: Option<String>,
 }
+
+impl PartialEq for Credentials {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.parts, &other.parts) || self.parts == other.parts
+    }
+}
+
+impl Eq for Credentials {}
 
 impl Credentials {
     /// Builds credentials from their parts (for tests, and for credentials
@@ -42,24 +58,26 @@ impl Credentials {
         expiration: SystemTime,
     ) -> Self {
         Self {
-            access_key_id: access_key_id.into(),
-            secret_access_key: SecretString::new(secret_access_key),
-            session_token: SecretString::new(session_token),
-            expiration,
-            last_updated: None,
-            account_id: None,
+            parts: Arc::new(Parts {
+                access_key_id: access_key_id.into(),
+                secret_access_key: SecretString::new(secret_access_key),
+                session_token: SecretString::new(session_token),
+                expiration,
+                last_updated: None,
+                account_id: None,
+            }),
         }
     }
 
     /// Sets the account id (known from the extended credentials path).
     pub fn with_account_id(mut self, account_id: impl Into<String>) -> Self {
-        self.account_id = Some(account_id.into());
+        Arc::make_mut(&mut self.parts).account_id = Some(account_id.into());
         self
     }
 
     /// Sets when IMDS says these credentials were issued.
     pub fn with_last_updated(mut self, last_updated: SystemTime) -> Self {
-        self.last_updated = Some(last_updated);
+        Arc::make_mut(&mut self.parts).last_updated = Some(last_updated);
         self
     }
 
@@ -109,10 +127,9 @@ impl Credentials {
             .ok_or_else(|| malformed("Expiration is not an RFC 3339 time"))?;
         let mut credentials =
             Self::new(access_key_id, secret_access_key, session_token, expiration);
-        if let Some(updated) = doc.last_updated.as_deref().and_then(parse_rfc3339) {
-            credentials.last_updated = Some(updated);
-        }
-        credentials.account_id = doc.account_id.filter(|id| {
+        let parts = Arc::make_mut(&mut credentials.parts);
+        parts.last_updated = doc.last_updated.as_deref().and_then(parse_rfc3339);
+        parts.account_id = doc.account_id.filter(|id| {
             !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_digit())
         });
         Ok(credentials)
@@ -120,37 +137,37 @@ impl Credentials {
 
     /// The access key id (not secret: it names the key, like a user name).
     pub fn access_key_id(&self) -> &str {
-        &self.access_key_id
+        &self.parts.access_key_id
     }
 
     /// The secret access key. Each caller is a place the secret leaves this type.
     pub fn secret_access_key(&self) -> &str {
-        self.secret_access_key.expose()
+        self.parts.secret_access_key.expose()
     }
 
     /// The session token. Each caller is a place the secret leaves this type.
     pub fn session_token(&self) -> &str {
-        self.session_token.expose()
+        self.parts.session_token.expose()
     }
 
     /// When the credentials expire, as IMDS reported it.
     pub fn expiration(&self) -> SystemTime {
-        self.expiration
+        self.parts.expiration
     }
 
     /// The expiry as an RFC 3339 UTC string (`2026-11-28T18:00:00Z`).
     pub fn expiration_rfc3339(&self) -> String {
-        format_rfc3339(self.expiration)
+        format_rfc3339(self.parts.expiration)
     }
 
     /// When IMDS says the credentials were issued, if it said.
     pub fn last_updated(&self) -> Option<SystemTime> {
-        self.last_updated
+        self.parts.last_updated
     }
 
     /// The AWS account id, when IMDS served the extended document.
     pub fn account_id(&self) -> Option<&str> {
-        self.account_id.as_deref()
+        self.parts.account_id.as_deref()
     }
 
     /// Converts to the AWS SDK for Rust's credentials type, naming
@@ -160,12 +177,12 @@ impl Credentials {
         provider_name: &'static str,
     ) -> aws_credential_types::Credentials {
         let mut builder = aws_credential_types::Credentials::builder()
-            .access_key_id(self.access_key_id.clone())
-            .secret_access_key(self.secret_access_key.expose())
-            .session_token(self.session_token.expose())
-            .expiry(self.expiration)
+            .access_key_id(self.parts.access_key_id.clone())
+            .secret_access_key(self.parts.secret_access_key.expose())
+            .session_token(self.parts.session_token.expose())
+            .expiry(self.parts.expiration)
             .provider_name(provider_name);
-        if let Some(account_id) = &self.account_id {
+        if let Some(account_id) = &self.parts.account_id {
             builder = builder.account_id(account_id.as_str());
         }
         builder.build()
@@ -175,11 +192,11 @@ impl Credentials {
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credentials")
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &self.secret_access_key)
-            .field("session_token", &self.session_token)
+            .field("access_key_id", &self.parts.access_key_id)
+            .field("secret_access_key", &self.parts.secret_access_key)
+            .field("session_token", &self.parts.session_token)
             .field("expiration", &self.expiration_rfc3339())
-            .field("account_id", &self.account_id)
+            .field("account_id", &self.parts.account_id)
             .finish()
     }
 }
@@ -189,7 +206,7 @@ impl fmt::Display for Credentials {
         write!(
             f,
             "credentials {} (expire {})",
-            self.access_key_id,
+            self.parts.access_key_id,
             self.expiration_rfc3339()
         )
     }

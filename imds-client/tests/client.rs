@@ -242,6 +242,33 @@ async fn a_token_request_that_never_answers_names_the_hop_limit() {
         0,
         "no IMDSv1 fallback on a timeout"
     );
+    // Remembered: the next call fails at once, without another token request.
+    let tokens = imds.request_counts().count("PUT", "/latest/api/token");
+    let err = client.role_name().await.unwrap_err();
+    assert_eq!(err.kind(), &ErrorKind::TokenTimeout);
+    assert_eq!(
+        tokens,
+        imds.request_counts().count("PUT", "/latest/api/token")
+    );
+
+    // Without the memo (the agent's setting), every call asks again.
+    let unmemoised = ImdsClient::builder()
+        .env(Env::empty())
+        .endpoint(imds.endpoint())
+        .unwrap()
+        .read_timeout(Duration::from_millis(200))
+        .unreachable_memo(Duration::ZERO)
+        .build()
+        .unwrap();
+    for round in 1..=2 {
+        let before = imds.request_counts().count("PUT", "/latest/api/token");
+        let err = unmemoised.role_name().await.unwrap_err();
+        assert_eq!(err.kind(), &ErrorKind::TokenTimeout);
+        assert!(
+            imds.request_counts().count("PUT", "/latest/api/token") > before,
+            "call {round} asked for a token"
+        );
+    }
 }
 
 #[tokio::test]

@@ -179,6 +179,8 @@ impl Cell {
             .connect_timeout(Duration::from_millis(300))
             .read_timeout(Duration::from_millis(300))
             .max_attempts(3)
+            // Recovery is checked at once, on tokio's real clock: no memo.
+            .unreachable_memo(Duration::ZERO)
             .build()
             .unwrap();
         let provider = ImdsCredentialsProvider::builder()
