@@ -142,6 +142,7 @@ impl ImdsCredentialsProviderBuilder {
                 static_stability: self.static_stability.unwrap_or(true),
                 cache: RwLock::new(None),
                 fresh: ArcSwapOption::empty(),
+                fresh_id: AtomicU64::new(0),
                 load_lock: tokio::sync::Mutex::new(()),
                 generation: AtomicU64::new(0),
                 last_outcome: Mutex::new(None),
@@ -173,8 +174,30 @@ struct Cached {
 /// window, or inside a backoff before expiry).
 #[derive(Debug)]
 struct Fresh {
+    /// Unique among every `Fresh` of every provider in the process (never
+    /// reused, unlike an address), so a per-thread copy can be matched to it.
+    id: u64,
     current: RoleCredentials,
     until: SystemTime,
+}
+
+static NEXT_FRESH_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's own copy of the credentials of one `Fresh` (by id).
+    /// Handing out clones of a per-thread copy means concurrent callers never
+    /// write to a shared reference count, which on two cores costs more than
+    /// the rest of the cached call. The copy is replaced (and its secrets
+    /// zeroized) when this thread next asks after a rotation, or at thread exit.
+    static THREAD_COPY: std::cell::RefCell<Option<ThreadCopy>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// One thread's copy of the credentials of the `Fresh` with this id.
+struct ThreadCopy {
+    id: u64,
+    until: SystemTime,
+    credentials: crate::Credentials,
 }
 
 #[derive(Debug)]
@@ -188,6 +211,8 @@ struct Inner {
     cache: RwLock<Option<Cached>>,
     /// Derived from `cache`, republished under its write lock on every change.
     fresh: ArcSwapOption<Fresh>,
+    /// The id of the `Fresh` in `fresh` (0: none), stored after it.
+    fresh_id: AtomicU64,
     load_lock: tokio::sync::Mutex<()>,
     generation: AtomicU64,
     last_outcome: Mutex<Option<(Result<RoleCredentials, Error>, SystemTime)>>,
@@ -231,13 +256,22 @@ impl ImdsCredentialsProvider {
     }
 
     /// Current credentials: from the cache while fresh, otherwise loaded.
-    pub async fn credentials(&self) -> Result<crate::Credentials, Error> {
-        if let Some(credentials) = self.fresh(|rc| (*rc.credentials).clone()) {
-            return Ok(credentials);
+    ///
+    /// While fresh the answer is ready before the future is first polled,
+    /// and the future is a few words: the loading path is boxed, so its
+    /// (large) state is neither built nor moved on a cached call.
+    pub fn credentials(
+        &self,
+    ) -> impl Future<Output = Result<crate::Credentials, Error>> + Send + '_ {
+        let cached = self.fresh_thread_copy();
+        async move {
+            match cached {
+                Some(credentials) => Ok(credentials),
+                None => Box::pin(self.role_credentials())
+                    .await
+                    .map(|rc| (*rc.credentials).clone()),
+            }
         }
-        self.role_credentials()
-            .await
-            .map(|rc| (*rc.credentials).clone())
     }
 
     /// Current credentials with the role they belong to.
@@ -357,6 +391,46 @@ impl ImdsCredentialsProvider {
         (inner.clock.now() < fresh.until).then(|| read(&fresh.current))
     }
 
+    /// The fresh credentials as this thread's own copy (see `THREAD_COPY`):
+    /// two atomic loads, a clock reading and a thread-local reference count.
+    fn fresh_thread_copy(&self) -> Option<crate::Credentials> {
+        let inner = &self.inner;
+        if inner.invalidated.load(Ordering::Acquire) {
+            return None;
+        }
+        let id = inner.fresh_id.load(Ordering::Acquire);
+        if id == 0 {
+            return None;
+        }
+        let now = inner.clock.now();
+        let hit = THREAD_COPY.try_with(|slot| match &*slot.borrow() {
+            Some(copy) if copy.id == id && now < copy.until => Some(copy.credentials.clone()),
+            _ => None,
+        });
+        if let Ok(Some(credentials)) = hit {
+            return Some(credentials);
+        }
+        // A new `Fresh` since this thread last asked (or none yet): copy it.
+        let fresh = inner.fresh.load();
+        let fresh = fresh.as_ref()?;
+        if now >= fresh.until {
+            return None;
+        }
+        let credentials = fresh.current.credentials.deep_copy();
+        let stored = THREAD_COPY.try_with(|slot| {
+            *slot.borrow_mut() = Some(ThreadCopy {
+                id: fresh.id,
+                until: fresh.until,
+                credentials: credentials.clone(),
+            });
+        });
+        // While this thread is exiting its locals are gone: share instead.
+        Some(match stored {
+            Ok(()) => credentials,
+            Err(_) => (*fresh.current.credentials).clone(),
+        })
+    }
+
     /// Republishes the lock-free view of `cache`; called with its write lock held.
     fn republish_fresh(&self, cache: &Option<Cached>) {
         let fresh = cache.as_ref().and_then(|c| {
@@ -369,11 +443,14 @@ impl ImdsCredentialsProvider {
                 (a, b) => a.or(b)?,
             };
             Some(Arc::new(Fresh {
+                id: NEXT_FRESH_ID.fetch_add(1, Ordering::Relaxed),
                 current: c.current.clone(),
                 until: shift(until, -c.skew_secs),
             }))
         });
+        let id = fresh.as_ref().map_or(0, |f| f.id);
         self.inner.fresh.store(fresh);
+        self.inner.fresh_id.store(id, Ordering::Release);
     }
 
     fn snapshot(&self) -> Option<Cached> {

@@ -480,3 +480,58 @@ async fn the_failure_observer_sees_background_refresh_failures_callers_never_see
     assert_eq!(seen.lock().unwrap().len(), 2);
     assert_eq!(seen.lock().unwrap()[1], ErrorKind::Timeout);
 }
+
+#[tokio::test(start_paused = true)]
+async fn providers_sharing_a_thread_never_hand_out_each_others_credentials() {
+    let clock = ManualTimeSource::new(start());
+    let fake_a = Fake::new("a", creds("AKIDA1", start(), 6 * HOUR));
+    let fake_b = Fake::new("b", creds("AKIDB1", start(), 6 * HOUR));
+    let a = provider(&fake_a, &clock);
+    let b = provider(&fake_b, &clock);
+    for _ in 0..3 {
+        assert_eq!(a.credentials().await.unwrap().access_key_id(), "AKIDA1");
+        assert_eq!(b.credentials().await.unwrap().access_key_id(), "AKIDB1");
+    }
+    // A rotation at A is seen at once by the next call on this thread, and
+    // B is unaffected.
+    fake_a.set_creds(Ok(creds("AKIDA2", clock.now(), 6 * HOUR)));
+    a.refresh_now().await.unwrap();
+    assert_eq!(a.credentials().await.unwrap().access_key_id(), "AKIDA2");
+    assert_eq!(b.credentials().await.unwrap().access_key_id(), "AKIDB1");
+    // Detached at B: nothing cached is handed out.
+    fake_b.set_role(Err(ErrorKind::NoRoleAttached));
+    b.poll().await.unwrap_err();
+    assert_eq!(
+        b.credentials().await.unwrap_err().kind(),
+        &ErrorKind::NoRoleAttached
+    );
+    assert_eq!(a.credentials().await.unwrap().access_key_id(), "AKIDA2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_thread_sees_a_rotation() {
+    let clock = ManualTimeSource::new(start());
+    let fake = Fake::new("r", creds("AKID1", start(), 6 * HOUR));
+    let provider = provider(&fake, &clock);
+    let on_threads = |expected: &'static str| {
+        let provider = provider.clone();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
+                    for _ in 0..10 {
+                        let got = rt.block_on(provider.credentials()).unwrap();
+                        assert_eq!(got.access_key_id(), expected);
+                    }
+                });
+            }
+        });
+    };
+    provider.credentials().await.unwrap();
+    on_threads("AKID1");
+    fake.set_creds(Ok(creds("AKID2", clock.now(), 6 * HOUR)));
+    provider.refresh_now().await.unwrap();
+    on_threads("AKID2");
+}
