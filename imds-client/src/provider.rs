@@ -256,22 +256,15 @@ impl ImdsCredentialsProvider {
     }
 
     /// Current credentials: from the cache while fresh, otherwise loaded.
-    ///
-    /// While fresh the answer is ready before the future is first polled,
-    /// and the future is a few words: the loading path is boxed, so its
-    /// (large) state is neither built nor moved on a cached call.
-    pub fn credentials(
-        &self,
-    ) -> impl Future<Output = Result<crate::Credentials, Error>> + Send + '_ {
-        let cached = self.fresh_thread_copy();
-        async move {
-            match cached {
-                Some(credentials) => Ok(credentials),
-                None => Box::pin(self.role_credentials())
-                    .await
-                    .map(|rc| (*rc.credentials).clone()),
-            }
+    pub async fn credentials(&self) -> Result<crate::Credentials, Error> {
+        if let Some(credentials) = self.fresh_thread_copy() {
+            return Ok(credentials);
         }
+        // Boxed: this future stays a few words, so a cached call neither
+        // builds nor moves the (large) state of a load.
+        Box::pin(self.role_credentials())
+            .await
+            .map(|rc| (*rc.credentials).clone())
     }
 
     /// Current credentials with the role they belong to.
