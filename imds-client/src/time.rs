@@ -23,7 +23,6 @@ pub struct SystemTimeSource;
 
 impl TimeSource for SystemTimeSource {
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    #[inline]
     fn now(&self) -> SystemTime {
         // The one place the real wall clock is read. The coarse clock is the
         // kernel's last tick (resolution about 4 ms): several times cheaper
@@ -49,40 +48,29 @@ fn precise_now() -> SystemTime {
 
 /// A cheaply cloneable handle to a [`TimeSource`]; `Default` is the system clock.
 #[derive(Debug, Clone)]
-pub struct SharedTimeSource(Source);
-
-/// The system clock is called directly (no virtual call on the cached path).
-#[derive(Debug, Clone)]
-enum Source {
-    System,
-    Other(Arc<dyn TimeSource>),
-}
+pub struct SharedTimeSource(Arc<dyn TimeSource>);
 
 impl SharedTimeSource {
     /// Wraps a time source.
     pub fn new(source: impl TimeSource + 'static) -> Self {
-        Self(Source::Other(Arc::new(source)))
+        Self(Arc::new(source))
     }
 
     /// The current wall-clock time according to the wrapped source.
-    #[inline]
     pub fn now(&self) -> SystemTime {
-        match &self.0 {
-            Source::System => SystemTimeSource.now(),
-            Source::Other(source) => source.now(),
-        }
+        self.0.now()
     }
 }
 
 impl Default for SharedTimeSource {
     fn default() -> Self {
-        Self(Source::System)
+        Self::new(SystemTimeSource)
     }
 }
 
 impl TimeSource for SharedTimeSource {
     fn now(&self) -> SystemTime {
-        SharedTimeSource::now(self)
+        self.0.now()
     }
 }
 
