@@ -269,7 +269,7 @@ impl ImdsCredentialsProvider {
 
     /// Current credentials with the role they belong to.
     pub async fn role_credentials(&self) -> Result<RoleCredentials, Error> {
-        if let Some(current) = self.fresh(RoleCredentials::clone) {
+        if let Some(current) = self.fresh_at(self.inner.clock.now(), |f| f.current.clone()) {
             return Ok(current);
         }
         let inner = &self.inner;
@@ -371,17 +371,17 @@ impl ImdsCredentialsProvider {
         self.snapshot().map(|c| c.current)
     }
 
-    /// The cached path: `read` applied to the cached credentials when the
-    /// cache would hand them out unchecked, without taking a lock. Equivalent
-    /// to the first return of [`role_credentials`](Self::role_credentials).
-    fn fresh<T>(&self, read: impl FnOnce(&RoleCredentials) -> T) -> Option<T> {
-        let inner = &self.inner;
-        if inner.invalidated.load(Ordering::Acquire) {
+    /// The cached path: `read` applied to the published view when the cache
+    /// would hand out its credentials unchecked at `now`, without taking a
+    /// lock. Equivalent to the first return of
+    /// [`role_credentials`](Self::role_credentials).
+    fn fresh_at<T>(&self, now: SystemTime, read: impl FnOnce(&Fresh) -> T) -> Option<T> {
+        if self.inner.invalidated.load(Ordering::Acquire) {
             return None;
         }
-        let fresh = inner.fresh.load();
+        let fresh = self.inner.fresh.load();
         let fresh = fresh.as_ref()?;
-        (inner.clock.now() < fresh.until).then(|| read(&fresh.current))
+        (now < fresh.until).then(|| read(fresh))
     }
 
     /// The fresh credentials as this thread's own copy (see `THREAD_COPY`):
@@ -404,23 +404,20 @@ impl ImdsCredentialsProvider {
             return Some(credentials);
         }
         // A new `Fresh` since this thread last asked (or none yet): copy it.
-        let fresh = inner.fresh.load();
-        let fresh = fresh.as_ref()?;
-        if now >= fresh.until {
-            return None;
-        }
-        let credentials = fresh.current.credentials.deep_copy();
-        let stored = THREAD_COPY.try_with(|slot| {
-            *slot.borrow_mut() = Some(ThreadCopy {
-                id: fresh.id,
-                until: fresh.until,
-                credentials: credentials.clone(),
+        self.fresh_at(now, |fresh| {
+            let credentials = fresh.current.credentials.deep_copy();
+            let stored = THREAD_COPY.try_with(|slot| {
+                *slot.borrow_mut() = Some(ThreadCopy {
+                    id: fresh.id,
+                    until: fresh.until,
+                    credentials: credentials.clone(),
+                });
             });
-        });
-        // While this thread is exiting its locals are gone: share instead.
-        Some(match stored {
-            Ok(()) => credentials,
-            Err(_) => (*fresh.current.credentials).clone(),
+            // While this thread is exiting its locals are gone: share instead.
+            match stored {
+                Ok(()) => credentials,
+                Err(_) => (*fresh.current.credentials).clone(),
+            }
         })
     }
 
