@@ -18,6 +18,20 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The agent with a container endpoint on `port` and its token in `token_file`.
+fn agent_with_container_endpoint(
+    imds: &MockImds,
+    port: u16,
+    token_file: &std::path::Path,
+) -> std::process::Command {
+    let mut cmd = agent_against(imds);
+    cmd.arg("--container-endpoint")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--container-token-file")
+        .arg(token_file);
+    cmd
+}
+
 fn request(port: u16, headers: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
@@ -40,12 +54,8 @@ async fn the_token_is_required_and_forged_requests_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     let port = free_port();
-    let mut cmd = agent_against(&imds);
-    cmd.env("IMDS_AGENT_LOG", "trace")
-        .arg("--container-endpoint")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--container-token-file")
-        .arg(&token_file);
+    let mut cmd = agent_with_container_endpoint(&imds, port, &token_file);
+    cmd.env("IMDS_AGENT_LOG", "trace");
     let log = dir.path().join("agent.log");
     let running = Running::start_logging_to(cmd, &log);
     wait_for("the token file", || token_file.exists());
@@ -143,11 +153,7 @@ async fn a_thousand_idle_or_garbage_connections_are_bounded_and_timed_out() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     let port = free_port();
-    let mut cmd = agent_against(&imds);
-    cmd.arg("--container-endpoint")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--container-token-file")
-        .arg(&token_file);
+    let cmd = agent_with_container_endpoint(&imds, port, &token_file);
     let running = Running::start(cmd);
     wait_for("the token file", || token_file.exists());
     let token = std::fs::read_to_string(&token_file).unwrap();

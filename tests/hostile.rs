@@ -8,7 +8,7 @@ use imds_client::mock::{Fault, FaultDuration, MockImds};
 use rustix::process::Signal;
 
 use crate::eqnice;
-use crate::util::{Running, agent, agent_against, unix_get, wait_for};
+use crate::util::{Running, agent, agent_against, unix_get, wait_for, wait_for_served_credentials};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_slow_huge_and_garbage_clients_do_not_block_a_good_one() {
@@ -20,9 +20,7 @@ async fn idle_slow_huge_and_garbage_clients_do_not_block_a_good_one() {
         .arg(&socket)
         .args(["--socket-mode", "0660", "--log-format", "json"]);
     let mut running = Running::start(cmd);
-    wait_for("credentials on the socket", || {
-        unix_get(&socket, "/credentials").is_ok_and(|(s, _)| s == 200)
-    });
+    wait_for_served_credentials(&socket);
     eqnice!(
         0o660,
         std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777
@@ -167,9 +165,7 @@ async fn a_thousand_hostile_connections_keep_memory_bounded_and_good_clients_ser
     let mut cmd = agent_against(&imds);
     cmd.arg("--socket").arg(&socket);
     let mut running = Running::start(cmd);
-    wait_for("credentials on the socket", || {
-        unix_get(&socket, "/credentials").is_ok_and(|(s, _)| s == 200)
-    });
+    wait_for_served_credentials(&socket);
     let resting = rss_kib(running.pid());
 
     let mut hostile = Vec::new();

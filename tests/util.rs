@@ -142,3 +142,10 @@ pub(crate) fn agent_against(imds: &imds_client::mock::MockImds) -> Command {
     cmd.arg("run").arg("--imds-endpoint").arg(imds.endpoint());
     cmd
 }
+
+/// Waits until the agent serves credentials on its socket.
+pub(crate) fn wait_for_served_credentials(socket: &std::path::Path) {
+    wait_for("credentials on the socket", || {
+        unix_get(socket, "/credentials").is_ok_and(|(s, _)| s == 200)
+    });
+}
