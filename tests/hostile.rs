@@ -203,3 +203,31 @@ async fn a_thousand_hostile_connections_keep_memory_bounded_and_good_clients_ser
     assert!(running.try_status().is_none(), "the agent must not exit");
     assert!(running.stop_with(Signal::TERM).success());
 }
+
+/// The harness the hostile-user tests stand on: a stranger made by
+/// `util::Stranger` is really unprivileged (it cannot read root's 0600 file,
+/// and cannot write where root alone may), and can use its own home.
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
+fn a_stranger_is_an_unprivileged_user() {
+    let stranger = crate::util::Stranger::new();
+    let dir = tempfile::tempdir().unwrap();
+    let home = stranger.home(dir.path());
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "root only").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let read = stranger.command("cat").arg(&secret).output().unwrap();
+    assert!(!read.status.success(), "a stranger read root's 0600 file");
+    let write = stranger
+        .command("touch")
+        .arg(dir.path().join("planted"))
+        .status()
+        .unwrap();
+    assert!(!write.success(), "a stranger wrote in root's directory");
+    stranger.sh(&format!("echo mine > {}/file", home.display()));
+    use std::os::unix::fs::MetadataExt;
+    eqnice!(
+        stranger.uid,
+        std::fs::metadata(home.join("file")).unwrap().uid()
+    );
+}

@@ -149,3 +149,94 @@ pub(crate) fn wait_for_served_credentials(socket: &std::path::Path) {
         unix_get(socket, "/credentials").is_ok_and(|(s, _)| s == 200)
     });
 }
+
+/// Panics unless the test runs as root. Tests that act as root against a
+/// throwaway user are marked
+/// `#[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]`
+/// (see `agent/build.rs`), so without root they show as *ignored*, never as
+/// passed; this catches a suite built as root and then run as someone else.
+pub(crate) fn require_root() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it acts as a throwaway local user with setpriv); \
+         it was built as root but runs as another user: rebuild as that user"
+    );
+}
+
+/// A local user no account on this machine has: a uid and gid from a range
+/// nothing uses, which root can act as with `setpriv`. It plays the attacker
+/// on a shared host.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stranger {
+    /// Its uid.
+    pub(crate) uid: u32,
+    /// Its primary gid (a group of its own, also unused).
+    pub(crate) gid: u32,
+}
+
+impl Stranger {
+    /// A fresh stranger, not in `/etc/passwd` or `/etc/group`. Needs root to be useful.
+    pub(crate) fn new() -> Self {
+        require_root();
+        let taken = |file: &str| -> Vec<u32> {
+            std::fs::read_to_string(file)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.split(':').nth(2)?.parse().ok())
+                .collect()
+        };
+        let (users, groups) = (taken("/etc/passwd"), taken("/etc/group"));
+        loop {
+            let id = 200_000 + rand::random::<u32>() % 800_000;
+            if !users.contains(&id) && !groups.contains(&id) {
+                return Self { uid: id, gid: id };
+            }
+        }
+    }
+
+    /// `program` to be run as this user (no supplementary groups, no capabilities).
+    pub(crate) fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--reuid={}", self.uid))
+            .arg(format!("--regid={}", self.gid))
+            .arg("--clear-groups")
+            .arg("--inh-caps=-all")
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Runs `script` with `sh -c` as this user; panics, with its output, if it fails.
+    pub(crate) fn sh(&self, script: &str) {
+        let out = self
+            .command("sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .expect("running setpriv");
+        assert!(
+            out.status.success(),
+            "as uid {}: `{script}` failed: {}{}",
+            self.uid,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Gives `path` to this user (as `chown` would).
+    pub(crate) fn own(&self, path: &std::path::Path) {
+        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid))
+            .unwrap_or_else(|e| panic!("chown {} to {}: {e}", path.display(), self.uid));
+    }
+
+    /// A directory this user owns and may write, inside a root-owned temp
+    /// dir that anyone may traverse (mode 0755), as `/home/USER` would be.
+    pub(crate) fn home(&self, parent: &std::path::Path) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let home = parent.join(format!("home-{}", self.uid));
+        std::fs::create_dir(&home).unwrap();
+        self.own(&home);
+        home
+    }
+}
