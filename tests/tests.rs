@@ -16,6 +16,7 @@ mod macros;
 mod mock_imds;
 mod notify;
 mod rotation;
+mod signals;
 mod soak;
 mod socket_activation;
 mod util;

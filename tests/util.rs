@@ -20,25 +20,34 @@ pub(crate) struct Running {
 }
 
 impl Running {
-    /// Starts `cmd` with stdout piped.
+    /// Starts `cmd` with stdout piped, and returns once the process runs
+    /// its own code (it handles SIGTERM), or has exited.
     pub(crate) fn start(mut cmd: Command) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting imds-agent");
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Self { child, stdout }
+        cmd.stderr(Stdio::inherit());
+        Self::spawned(cmd)
     }
 
-    /// Starts `cmd` with stdout piped and stderr (the logs) written to `log`.
+    /// Starts `cmd` with stdout piped and stderr (the logs) written to `log`,
+    /// as [`Running::start`].
     pub(crate) fn start_logging_to(mut cmd: Command, log: &std::path::Path) -> Self {
         cmd.stderr(std::fs::File::create(log).expect("creating the log file"));
+        Self::spawned(cmd)
+    }
+
+    /// While the program loader runs, no process can handle a signal: a
+    /// test that signals a process it just spawned would kill it with the
+    /// kernel's default action, whatever the agent does. So a test waits
+    /// until the agent's handlers are in place (`main` installs them first).
+    fn spawned(mut cmd: Command) -> Self {
         let mut child = cmd
             .stdout(Stdio::piped())
             .spawn()
             .expect("starting imds-agent");
         let stdout = BufReader::new(child.stdout.take().unwrap());
+        let pid = child.id();
+        wait_for("imds-agent to handle SIGTERM, or exit", || {
+            handles_signal(pid, Signal::TERM) || child.try_wait().unwrap().is_some()
+        });
         Self { child, stdout }
     }
 
@@ -69,14 +78,17 @@ impl Running {
     pub(crate) fn stop_with(mut self, signal: Signal) -> ExitStatus {
         let pid = Pid::from_raw(self.child.id() as i32).unwrap();
         kill_process(pid, signal).expect("signalling imds-agent");
-        for _ in 0..200 {
+        let step = Duration::from_millis(10);
+        for _ in 0..PATIENCE.as_millis() / step.as_millis() {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            std::thread::sleep(Duration::from_millis(25));
+            std::thread::sleep(step);
         }
         let _ = self.child.kill();
-        panic!("imds-agent did not exit within 5 s of {signal:?}");
+        panic!(
+            "expected imds-agent to exit after {signal:?} within {PATIENCE:?}; it was still running"
+        );
     }
 }
 
@@ -85,6 +97,19 @@ impl Drop for Running {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// True once process `pid` has a handler for `signal` (its bit in `SigCgt`
+/// of `/proc/PID/status`).
+pub(crate) fn handles_signal(pid: u32, signal: Signal) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal.as_raw() - 1)) != 0)
 }
 
 /// One HTTP/1.1 GET over a Unix socket: (status, body).
@@ -107,15 +132,22 @@ pub(crate) fn unix_get(socket: &std::path::Path, path: &str) -> std::io::Result<
     Ok((status, body.to_owned()))
 }
 
-/// Waits (real time, bounded) until `check` holds; panics with `what` if it never does.
+/// How long a test waits for observable state before it fails. Generous:
+/// it bounds a failing test, and a loaded 2-core machine (a build beside
+/// the suite) can be slow; a passing test never waits that long.
+pub(crate) const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Waits (real time, bounded by [`PATIENCE`]) until `check` holds; panics
+/// with `what` if it never does.
 pub(crate) fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..200 {
+    let step = Duration::from_millis(20);
+    for _ in 0..PATIENCE.as_millis() / step.as_millis() {
         if check() {
             return;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(step);
     }
-    panic!("timed out after 10 s waiting for {what}");
+    panic!("expected {what} within {PATIENCE:?}; it never happened");
 }
 
 /// The value of an unlabelled metric from `GET /metrics` on the agent's socket.

@@ -8,11 +8,14 @@ use anyhow::Context;
 use imds_client::mock::MockImds;
 
 use crate::cli::{DemoArgs, RunArgs};
-use crate::signals::shutdown_signals;
+use crate::signals::Reloads;
 
-/// Runs the demo until Ctrl-C/SIGTERM or `--duration`.
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let signals = shutdown_signals()?;
+/// Runs the demo until `shutdown` (Ctrl-C/SIGTERM) or `--duration`.
+pub async fn run(
+    args: DemoArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    reloads: Reloads,
+) -> anyhow::Result<()> {
     let dir = args.dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("imds-agent-demo-{}", std::process::id()))
     });
@@ -89,13 +92,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             Some(seconds) => {
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(seconds)) => {}
-                    () = signals => {}
+                    () = shutdown => {}
                 }
             }
-            None => signals.await,
+            None => shutdown.await,
         }
     };
-    let result = crate::run::run(run_args, None, stop).await;
+    let inherited = crate::run::Inherited {
+        activated: None,
+        notifier: crate::notify::Notifier::from_env()?,
+    };
+    let result = crate::run::run(run_args, inherited, stop, reloads).await;
     imds.shutdown().await;
     println!("demo stopped; outputs left in {}", dir.display());
     result

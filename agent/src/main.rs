@@ -8,13 +8,31 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use imds_agent::cli::{Cli, Command};
+use imds_agent::signals::Signals;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // Socket activation: read LISTEN_FDS before any thread exists, since
+    // reading it clears the LISTEN_* variables from the environment.
+    let mut listen_fds = listenfd::ListenFd::from_env();
+    // Then, before anything else (even the command line), the signal
+    // handlers: a SIGHUP or SIGTERM during start-up must never kill the
+    // agent with the kernel's default action (see `signals`).
+    let (runtime, signals) = match start_runtime() {
+        Ok(started) => started,
+        Err(err) => {
+            eprintln!("imds-agent: error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let cli = Cli::parse();
     let json_logs = matches!(&cli.command, Command::Run(args) if args.log_format == "json");
     init_logging(json_logs);
-    match run(cli) {
+    let result = runtime.block_on(run(cli, &mut listen_fds, signals));
+    // A write stuck in the kernel (a hung file system) must not hold the
+    // exit: blocking threads get a moment to finish, then are abandoned.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("imds-agent: error: {err:#}");
@@ -23,54 +41,81 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    // Socket activation: take the listening socket systemd passed (fd 3,
-    // LISTEN_FDS), before any thread exists, since reading it clears the
-    // LISTEN_* variables from the environment.
-    let activated = if matches!(cli.command, Command::Run(_)) {
-        listenfd::ListenFd::from_env()
-            .take_unix_listener(0)
-            .context("taking the socket passed by systemd (LISTEN_FDS)")?
-    } else {
-        None
-    };
+/// The runtime, with the signal handlers already registered in it.
+fn start_runtime() -> anyhow::Result<(tokio::runtime::Runtime, Signals)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         // File writes and DNS-free blocking work only: a few threads, so the
         // unit's TasksMax= holds.
         .max_blocking_threads(8)
         .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        match cli.command {
-            Command::MockImds(args) => imds_agent::mock_imds::run(args).await,
-            Command::Run(args) => {
-                let shutdown = imds_agent::signals::shutdown_signals()?;
-                imds_agent::run::run(*args, activated, shutdown).await
-            }
-            Command::Demo(args) => imds_agent::demo::run(args).await,
-            Command::ProbeConnect { authority } => {
-                if imds_agent::doctor::probe_connect(&authority).await {
-                    Ok(())
-                } else {
-                    std::process::exit(1)
-                }
-            }
-            Command::Doctor(args) => {
-                let findings = imds_agent::doctor::run_checks(&args).await;
-                if imds_agent::doctor::report(&findings) {
-                    Ok(())
-                } else {
-                    anyhow::bail!("some checks failed (see above)")
-                }
-            }
-            Command::CredentialProcess(args) => {
-                let json = imds_agent::credential_process::fetch(&args.socket).await?;
-                println!("{}", json.trim_end());
+        .build()
+        .context("starting the async runtime")?;
+    let signals = {
+        let _entered = runtime.enter();
+        Signals::install()?
+    };
+    Ok((runtime, signals))
+}
+
+async fn run(
+    cli: Cli,
+    listen_fds: &mut listenfd::ListenFd,
+    signals: Signals,
+) -> anyhow::Result<()> {
+    let (shutdown, reloads) = signals.split();
+    match cli.command {
+        Command::Run(args) => {
+            let activated = listen_fds
+                .take_unix_listener(0)
+                .context("taking the socket passed by systemd (LISTEN_FDS)")?;
+            let notifier = imds_agent::notify::Notifier::from_env()
+                .context("opening systemd's notify socket (NOTIFY_SOCKET)")?;
+            let inherited = imds_agent::run::Inherited {
+                activated,
+                notifier,
+            };
+            imds_agent::run::run(*args, inherited, shutdown, reloads).await
+        }
+        Command::Demo(args) => imds_agent::demo::run(args, shutdown, reloads).await,
+        Command::MockImds(args) => imds_agent::mock_imds::run(args, shutdown).await,
+        Command::ProbeConnect { authority } => {
+            if interruptible(imds_agent::doctor::probe_connect(&authority), shutdown).await? {
                 Ok(())
+            } else {
+                std::process::exit(1)
             }
         }
-    })
+        Command::Doctor(args) => {
+            let findings = interruptible(imds_agent::doctor::run_checks(&args), shutdown).await?;
+            if imds_agent::doctor::report(&findings) {
+                Ok(())
+            } else {
+                anyhow::bail!("some checks failed (see above)")
+            }
+        }
+        Command::CredentialProcess(args) => {
+            let json = interruptible(
+                imds_agent::credential_process::fetch(&args.socket),
+                shutdown,
+            )
+            .await??;
+            println!("{}", json.trim_end());
+            Ok(())
+        }
+    }
+}
+
+/// A short command stops at the first SIGTERM or SIGINT, as it would without
+/// a handler, but through the normal exit path.
+async fn interruptible<T>(
+    work: impl Future<Output = T>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<T> {
+    tokio::select! {
+        done = work => Ok(done),
+        () = shutdown => anyhow::bail!("interrupted"),
+    }
 }
 
 /// Logs go to stderr, filtered by `IMDS_AGENT_LOG` or `RUST_LOG` (default `info`).

@@ -17,6 +17,7 @@ pub struct Metrics {
     requests: AtomicU64,
     denied: AtomicU64,
     sink_failures: AtomicU64,
+    outputs_stuck: AtomicU64,
 }
 
 impl Metrics {
@@ -56,6 +57,21 @@ impl Metrics {
     /// An output that could not be written.
     pub fn sink_failed(&self) {
         self.sink_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An output write started (`true`) or stopped (`false`) being stuck
+    /// past its timeout.
+    pub fn output_stuck(&self, stuck: bool) {
+        if stuck {
+            self.outputs_stuck.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.outputs_stuck.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many outputs have a write stuck past its timeout right now.
+    pub fn outputs_stuck(&self) -> u64 {
+        self.outputs_stuck.load(Ordering::Relaxed)
     }
 
     /// Renders every metric, with seconds until expiry from `state`.
@@ -140,6 +156,12 @@ impl Metrics {
                 String::new(),
                 self.sink_failures.load(Ordering::Relaxed).to_string(),
             )],
+        );
+        metric(
+            "imds_agent_outputs_stuck",
+            "gauge",
+            "Outputs whose current write has not returned within its timeout.",
+            vec![(String::new(), self.outputs_stuck().to_string())],
         );
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             metric(

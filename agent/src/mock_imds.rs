@@ -6,11 +6,12 @@ use anyhow::Context;
 use imds_client::mock::MockImds;
 
 use crate::cli::MockImdsArgs;
-use crate::signals::shutdown_signals;
 
-/// Runs the emulator until SIGTERM or SIGINT.
-pub async fn run(args: MockImdsArgs) -> anyhow::Result<()> {
-    let shutdown = shutdown_signals()?;
+/// Runs the emulator until `shutdown` (SIGTERM or SIGINT).
+pub async fn run(
+    args: MockImdsArgs,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let mut builder = MockImds::builder()
         .listen(args.listen)
         .credential_lifetime(Duration::from_secs(args.credential_lifetime))

@@ -11,9 +11,13 @@ use imds_client::{ImdsClient, ImdsCredentialsProvider, SharedTimeSource};
 use tokio::net::UnixListener;
 
 use crate::cli::RunArgs;
-use crate::daemon::{DaemonConfig, run as run_daemon};
+use crate::daemon::{Daemon, Refresh, Server, run as run_daemon};
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
+use crate::outputs::{Outputs, WriteLimits};
 use crate::server::{AccessPolicy, ServerLimits};
+use crate::shutdown::Shutdown;
+use crate::signals::Reloads;
 use crate::sink::{CredentialsFileSink, FileOptions, JsonFileSink, Sink};
 
 /// Checks the flags before anything starts.
@@ -144,17 +148,34 @@ pub fn bind_socket(path: &Path, mode: u32, group: Option<u32>) -> anyhow::Result
     Ok(listener)
 }
 
-/// Runs the agent until `shutdown`. `activated` is a listening socket passed
-/// by systemd (socket activation); it is used instead of binding `--socket`.
+/// What `main` hands the agent from the process's start: the socket systemd
+/// passed (socket activation) and systemd's notify socket.
+#[derive(Debug)]
+pub struct Inherited {
+    /// A listening socket passed by systemd, used instead of binding `--socket`.
+    pub activated: Option<std::os::unix::net::UnixListener>,
+    /// systemd's notify socket (a no-op outside systemd).
+    pub notifier: Notifier,
+}
+
+/// Runs the agent until `shutdown` (SIGTERM or SIGINT, already registered by
+/// `main`, so one that arrived during start-up stops the agent cleanly here).
 pub async fn run(
     args: RunArgs,
-    activated: Option<std::os::unix::net::UnixListener>,
-    shutdown: impl std::future::Future<Output = ()>,
+    inherited: Inherited,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    reloads: Reloads,
 ) -> anyhow::Result<()> {
+    let Inherited {
+        activated,
+        notifier,
+    } = inherited;
+    let shutdown = Shutdown::on(shutdown);
     validate_outputs(&args, activated.is_some())?;
     let metrics = Arc::new(Metrics::default());
     let provider = provider(&args, metrics.clone())?;
     let sinks = sinks(&args)?;
+    let clock = SharedTimeSource::default();
     let owns_socket_file = activated.is_none();
     let listener = match (activated, &args.socket) {
         (Some(inherited), _) => {
@@ -170,37 +191,48 @@ pub async fn run(
         (None, Some(path)) => Some(bind_socket(path, args.socket_mode, args.socket_group)?),
         (None, None) => None,
     };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let container = match args.container_endpoint {
-        Some(addr) => {
-            let token = crate::container::load_or_create_token(&args.container_token_file)?;
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the container endpoint {addr}"))?;
-            let local = listener.local_addr()?;
-            tracing::info!(
-                "container endpoint ready: AWS_CONTAINER_CREDENTIALS_FULL_URI=http://{}:{}/credentials AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={}",
-                local.ip(),
-                local.port(),
-                args.container_token_file.display()
-            );
-            let mut stop = stop_rx.clone();
-            Some(tokio::spawn(crate::container::serve(
+    let mut servers = Vec::new();
+    if let Some(listener) = listener {
+        let serve = crate::server::serve(
+            listener,
+            provider.subscribe(),
+            metrics.clone(),
+            clock.clone(),
+            AccessPolicy {
+                uids: args.allow_uid.clone(),
+                gids: args.allow_gid.clone(),
+            },
+            ServerLimits::default(),
+            shutdown.clone().wait_owned(),
+        );
+        servers.push(Server::new("credential socket", async move {
+            serve.await;
+            Ok(())
+        }));
+    }
+    if let Some(addr) = args.container_endpoint {
+        let token = crate::container::load_or_create_token(&args.container_token_file)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the container endpoint {addr}"))?;
+        let local = listener.local_addr()?;
+        tracing::info!(
+            "container endpoint ready: AWS_CONTAINER_CREDENTIALS_FULL_URI=http://{}:{}/credentials AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={}",
+            local.ip(),
+            local.port(),
+            args.container_token_file.display()
+        );
+        servers.push(Server::new(
+            "container endpoint",
+            crate::container::serve(
                 listener,
                 token,
                 provider.subscribe(),
-                SharedTimeSource::default(),
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            )))
-        }
-        None => None,
-    };
-    let shutdown = async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    };
+                clock.clone(),
+                shutdown.clone().wait_owned(),
+            ),
+        ));
+    }
     tracing::info!(
         credentials_file = ?args.credentials_file,
         json_file = ?args.json_file,
@@ -208,21 +240,21 @@ pub async fn run(
         poll_interval_seconds = args.poll_interval,
         "imds-agent starting"
     );
-    let config = DaemonConfig {
-        poll_interval: Duration::from_secs(args.poll_interval),
-        access: AccessPolicy {
-            uids: args.allow_uid.clone(),
-            gids: args.allow_gid.clone(),
+    let daemon = Daemon {
+        outputs: Outputs::start(sinks, WriteLimits::default(), metrics.clone()),
+        servers,
+        refresh: Refresh {
+            provider,
+            poll_interval: Duration::from_secs(args.poll_interval),
+            reloads,
         },
-        limits: ServerLimits::default(),
-        clock: SharedTimeSource::default(),
+        notifier,
+        clock,
+        metrics,
     };
-    let result = run_daemon(provider, sinks, listener, config, metrics, shutdown).await;
+    let result = run_daemon(daemon, shutdown).await;
     if let Some(path) = args.socket.as_ref().filter(|_| owns_socket_file) {
         let _ = std::fs::remove_file(path);
-    }
-    if let Some(container) = container {
-        let _ = container.await;
     }
     result
 }

@@ -1,0 +1,391 @@
+//! The file outputs, written off the daemon's loop.
+//!
+//! A write can stall: a directory on a hung network file system, a disk that
+//! stops answering, or a lock held by someone else. The daemon must keep
+//! answering signals, polling IMDS (so a detach is noticed) and serving the
+//! socket all the same. So each output gets its own writer task, fed through
+//! a watch channel that holds only the latest wanted content (a burst of
+//! changes is one write, never a queue). The write itself runs on the
+//! blocking pool under a timeout: past it the output is reported stuck (a log
+//! line, the `imds_agent_outputs_stuck` gauge, `degraded` health), and its
+//! writer waits for that one write to return before it starts the next, so a
+//! stuck output holds at most one blocking thread. Failed writes are retried
+//! after `retry_interval`, or at once when newer content is wanted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use imds_client::RoleCredentials;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::metrics::Metrics;
+use crate::sink::Sink;
+
+/// What the outputs should hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wanted {
+    /// These credentials (the role is attached).
+    Credentials(RoleCredentials),
+    /// None of ours (the role was detached).
+    Withdrawn,
+}
+
+/// How the writers behave.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteLimits {
+    /// A write that has not returned after this long is reported stuck.
+    pub timeout: Duration,
+    /// A failed write is tried again after this long (or when newer content is wanted).
+    pub retry_interval: Duration,
+}
+
+impl Default for WriteLimits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            retry_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A version of the wanted content: writers report which one they hold.
+type Generation = u64;
+
+/// The running writers of every output.
+#[derive(Debug)]
+pub struct Outputs {
+    wanted: Vec<watch::Sender<Option<(Generation, Wanted)>>>,
+    applied: Vec<Generation>,
+    applied_rx: mpsc::UnboundedReceiver<(usize, Generation)>,
+    generation: Generation,
+    current: Option<Wanted>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Outputs {
+    /// Starts one writer per sink. Must be called within a Tokio runtime.
+    pub fn start(sinks: Vec<Arc<dyn Sink>>, limits: WriteLimits, metrics: Arc<Metrics>) -> Self {
+        let (applied_tx, applied_rx) = mpsc::unbounded_channel();
+        let mut wanted = Vec::with_capacity(sinks.len());
+        let mut tasks = Vec::with_capacity(sinks.len());
+        for (index, sink) in sinks.into_iter().enumerate() {
+            let (tx, rx) = watch::channel(None);
+            wanted.push(tx);
+            tasks.push(tokio::spawn(
+                Writer {
+                    index,
+                    sink,
+                    limits,
+                    metrics: metrics.clone(),
+                    applied: applied_tx.clone(),
+                }
+                .run(rx),
+            ));
+        }
+        Self {
+            applied: vec![0; wanted.len()],
+            wanted,
+            applied_rx,
+            generation: 0,
+            current: None,
+            tasks,
+        }
+    }
+
+    /// Asks every output to hold `wanted` (a no-op when it already is the
+    /// wanted content). Never waits for a write.
+    pub fn set(&mut self, wanted: Wanted) {
+        if self.current.as_ref() == Some(&wanted) {
+            return;
+        }
+        self.generation += 1;
+        for tx in &self.wanted {
+            tx.send_replace(Some((self.generation, wanted.clone())));
+        }
+        self.current = Some(wanted);
+    }
+
+    /// The content last asked for.
+    pub fn wanted(&self) -> Option<&Wanted> {
+        self.current.as_ref()
+    }
+
+    /// True when every output holds the content last asked for (also when
+    /// there are no file outputs).
+    pub fn all_applied(&self) -> bool {
+        self.current.is_some() && self.applied.iter().all(|g| *g == self.generation)
+    }
+
+    /// Waits until some output reports a finished write; returns true when
+    /// that made every output hold the wanted content. Pends forever when
+    /// there are no outputs.
+    pub async fn next_applied(&mut self) -> bool {
+        match self.applied_rx.recv().await {
+            Some((index, generation)) => {
+                self.applied[index] = self.applied[index].max(generation);
+                self.all_applied()
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops the writers: a write in progress gets `grace` to finish (so a
+    /// clean stop leaves no temp file), a stuck one is abandoned.
+    pub async fn stop(self, grace: Duration) {
+        drop(self.wanted);
+        let all = async {
+            for task in self.tasks {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("an output write was still running at shutdown; abandoned");
+        }
+    }
+}
+
+struct Writer {
+    index: usize,
+    sink: Arc<dyn Sink>,
+    limits: WriteLimits,
+    metrics: Arc<Metrics>,
+    applied: mpsc::UnboundedSender<(usize, Generation)>,
+}
+
+impl Writer {
+    async fn run(self, mut wanted: watch::Receiver<Option<(Generation, Wanted)>>) {
+        loop {
+            let job = wanted.borrow_and_update().clone();
+            let retry = match job {
+                None => false,
+                Some((generation, job)) => {
+                    let ok = self.write(job).await;
+                    if ok {
+                        let _ = self.applied.send((self.index, generation));
+                    }
+                    !ok
+                }
+            };
+            // The next job: newer content, or (after a failure) a retry.
+            if retry {
+                tokio::select! {
+                    changed = wanted.changed() => if changed.is_err() { return },
+                    () = tokio::time::sleep(self.limits.retry_interval) => {}
+                }
+            } else if wanted.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// One write on the blocking pool; true when it succeeded.
+    async fn write(&self, job: Wanted) -> bool {
+        let sink = self.sink.clone();
+        let mut task = tokio::task::spawn_blocking(move || match &job {
+            Wanted::Credentials(c) => sink.publish(c),
+            Wanted::Withdrawn => sink.withdraw(),
+        });
+        let name = self.sink.name();
+        let joined = match tokio::time::timeout(self.limits.timeout, &mut task).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                self.metrics.output_stuck(true);
+                tracing::error!(
+                    output = name,
+                    timeout_seconds = self.limits.timeout.as_secs_f64(),
+                    "an output write has not returned (a hung file system?); \
+                     the agent goes on polling and serving, and retries once it returns"
+                );
+                let joined = task.await;
+                self.metrics.output_stuck(false);
+                tracing::info!(output = name, "the stuck output write returned");
+                joined
+            }
+        };
+        match joined {
+            Ok(Ok(())) => {
+                tracing::debug!(output = name, "output updated");
+                true
+            }
+            Ok(Err(e)) => {
+                self.metrics.sink_failed();
+                tracing::error!(
+                    output = name,
+                    cause = format!("{e:#}"),
+                    "could not update an output; will retry"
+                );
+                false
+            }
+            Err(e) => {
+                self.metrics.sink_failed();
+                tracing::error!(output = name, cause = %e, "an output write failed; will retry");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imds_client::Credentials;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::SystemTime;
+
+    fn creds(n: u64) -> RoleCredentials {
+        RoleCredentials {
+            role: "r".into(),
+            credentials: Arc::new(Credentials::new(
+                format!("ASIAKEY{n:013}"),
+                "secret",
+                "token",
+                SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + n),
+            )),
+        }
+    }
+
+    /// A sink whose writes block until the test lets them go, and that
+    /// records what it was asked to hold.
+    #[derive(Debug, Default)]
+    struct Gate {
+        open: Mutex<bool>,
+        opened: std::sync::Condvar,
+        writes: AtomicUsize,
+        fail: std::sync::atomic::AtomicBool,
+        last: Mutex<Option<Wanted>>,
+    }
+
+    impl Gate {
+        fn release(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+    }
+
+    impl Sink for Gate {
+        fn name(&self) -> &str {
+            "gate"
+        }
+        fn publish(&self, current: &RoleCredentials) -> anyhow::Result<()> {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            if self.fail.load(Ordering::SeqCst) {
+                anyhow::bail!("the disk is full");
+            }
+            *self.last.lock().unwrap() = Some(Wanted::Credentials(current.clone()));
+            Ok(())
+        }
+        fn withdraw(&self) -> anyhow::Result<()> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            *self.last.lock().unwrap() = Some(Wanted::Withdrawn);
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_output_is_reported_and_the_others_and_the_caller_go_on() {
+        let metrics = Arc::new(Metrics::default());
+        let stuck = Arc::new(Gate::default());
+        let fine = Arc::new(Gate::default());
+        fine.release();
+        let mut outputs = Outputs::start(
+            vec![stuck.clone(), fine.clone()],
+            WriteLimits::default(),
+            metrics.clone(),
+        );
+        outputs.set(Wanted::Credentials(creds(1)));
+        // The healthy output is written while the other is stuck; `set`
+        // never waited for either.
+        assert!(
+            !outputs.next_applied().await,
+            "one output is stuck, so not all hold the credentials"
+        );
+        assert_eq!(
+            *fine.last.lock().unwrap(),
+            Some(Wanted::Credentials(creds(1)))
+        );
+        // Past the write timeout, the stuck output is reported. (A running
+        // blocking task keeps tokio's paused clock from moving by itself.)
+        tokio::time::advance(WriteLimits::default().timeout + Duration::from_secs(1)).await;
+        for _ in 0..1000 {
+            if metrics.outputs_stuck() == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(metrics.outputs_stuck(), 1, "the stuck output is reported");
+        // Newer content is taken by the healthy output at once; the stuck
+        // one will write only the newest content, once.
+        outputs.set(Wanted::Credentials(creds(2)));
+        outputs.set(Wanted::Credentials(creds(3)));
+        while *fine.last.lock().unwrap() != Some(Wanted::Credentials(creds(3))) {
+            assert!(!outputs.next_applied().await);
+        }
+        stuck.release();
+        while !outputs.next_applied().await {}
+        assert_eq!(
+            *stuck.last.lock().unwrap(),
+            Some(Wanted::Credentials(creds(3)))
+        );
+        assert_eq!(
+            stuck.writes.load(Ordering::SeqCst),
+            2,
+            "the stuck write, then only the newest content"
+        );
+        assert_eq!(metrics.outputs_stuck(), 0, "no longer stuck");
+        outputs.stop(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_write_is_retried_until_it_succeeds() {
+        let metrics = Arc::new(Metrics::default());
+        let sink = Arc::new(Gate::default());
+        sink.release();
+        sink.fail.store(true, Ordering::SeqCst);
+        let limits = WriteLimits::default();
+        let mut outputs = Outputs::start(vec![sink.clone()], limits, metrics.clone());
+        outputs.set(Wanted::Credentials(creds(1)));
+        tokio::time::sleep(limits.retry_interval * 3 + Duration::from_millis(1)).await;
+        let tries = sink.writes.load(Ordering::SeqCst);
+        assert!(
+            (3..=4).contains(&tries),
+            "one try, then one per retry interval: {tries}"
+        );
+        assert!(!outputs.all_applied());
+        sink.fail.store(false, Ordering::SeqCst);
+        assert!(outputs.next_applied().await, "the retry succeeded");
+        assert!(outputs.all_applied());
+        outputs.set(Wanted::Credentials(creds(1)));
+        assert!(outputs.all_applied(), "the same content asks for no write");
+        outputs.stop(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_abandons_a_stuck_write_after_the_grace_period() {
+        let metrics = Arc::new(Metrics::default());
+        let stuck = Arc::new(Gate::default());
+        let mut outputs = Outputs::start(vec![stuck.clone()], WriteLimits::default(), metrics);
+        outputs.set(Wanted::Withdrawn);
+        outputs.set(Wanted::Credentials(creds(1)));
+        tokio::task::yield_now().await;
+        let started = tokio::time::Instant::now();
+        let grace = Duration::from_millis(300);
+        tokio::join!(outputs.stop(grace), tokio::time::advance(grace));
+        assert_eq!(
+            started.elapsed(),
+            grace,
+            "stopped when the grace period ended"
+        );
+        assert_eq!(
+            stuck.writes.load(Ordering::SeqCst),
+            0,
+            "the write is still stuck"
+        );
+        stuck.release();
+    }
+}
