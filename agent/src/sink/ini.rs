@@ -272,13 +272,15 @@ fn check(text: &[u8], lines: &[Line<'_>], profile: &str, cr_only: bool) -> anyho
                 k + 1
             );
         }
-        if let Some(next) = lines.get(end).filter(|next| next.indent > 0 && !next.ours) {
+        if lines
+            .get(end)
+            .is_some_and(|next| next.indent > 0 && !next.ours)
+        {
             bail!(
-                "line {}: the indented header {:?} ends [{profile}] (line {n}): once \
+                "line {}: an indented section header ends [{profile}] (line {n}): once \
                  imds-agent rewrites [{profile}], botocore would read it as part of the last \
                  value; remove its leading whitespace",
-                end + 1,
-                next.stripped()
+                end + 1
             );
         }
         // In a file with LF line breaks, a lone `\r` next to our section joins
