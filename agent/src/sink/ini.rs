@@ -38,9 +38,10 @@
 //! | a lone CR in a file with LF line breaks | kept, unless at or just before our section: refused | botocore splits the line there and the Rust SDK does not, so rewriting our section would change what that SDK reads around it |
 //! | `[ default ]`, `[default] ; note`, `[\tdefault]` | our section: replaced | the Rust SDK reads each as `default` (and merges it with ours) |
 //! | `[profile default]` | kept, not ours | a credentials-file header for neither reader: botocore calls it `profile default`, the Rust SDK ignores it |
-//! | indented `[default]` that botocore reads as a header (first in the file, or right after a header) | our section: replaced by an unindented one | every reader that can parse the file sees a header there |
-//! | indented `[default]` under an option | refused | botocore and the Rust SDK read it as part of the value above, other readers as a header: a copy of our profile we cannot remove without changing another profile |
+//! | indented `[default]` that botocore reads as a header (first in the file, right after a header, or no deeper than the option above) | our section: replaced by an unindented one | every reader that can parse the file sees a header there (the Rust SDK cannot parse it) |
+//! | indented `[default]` deeper than the option above | refused | botocore and the Rust SDK read it as part of the value above, other readers as a header: a copy of our profile we cannot remove without changing another profile |
 //! | indented header ending our section, or a `[header]`-like line continuing a value inside it | refused | after our rewrite botocore would read that header as part of our last value, or we would delete what other readers call a profile |
+//! | a `[default]` header with a lone CR inside (`[\rdefault]`) | refused | the Rust SDK reads one line, `[default]`; botocore reads two lines, neither a header |
 //! | `[DEFAULT]` | refused | botocore applies its keys to every section, ours included |
 //! | `[default]` twice | all copies removed, ours written where the first was | botocore refuses a file with a repeated section, and the Rust SDK merges the copies |
 //! | non-UTF-8 bytes | kept outside our section, dropped with it | the owner's bytes; neither reference reader parses such a file |
