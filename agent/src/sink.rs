@@ -62,7 +62,7 @@ mod tests {
             text.starts_with("# mine\n[dev]\naws_access_key_id = DEV\n"),
             "{text}"
         );
-        let ours = ini::section_values(&text, "default").unwrap();
+        let ours = ini::section_values(text.as_bytes(), "default").unwrap();
         assert_eq!(
             ours[0],
             ("aws_access_key_id".into(), "ASIAKEY0000000000001".into())
@@ -117,7 +117,8 @@ mod tests {
                     let mut reads = 0;
                     while !done.load(std::sync::atomic::Ordering::Relaxed) {
                         let text = std::fs::read_to_string(&path).unwrap();
-                        let values = ini::section_values(&text, "default").expect("complete file");
+                        let values =
+                            ini::section_values(text.as_bytes(), "default").expect("complete file");
                         assert_eq!(values.len(), 3, "{text}");
                         let n = &values[0].1[7..];
                         assert!(

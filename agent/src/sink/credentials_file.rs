@@ -70,11 +70,9 @@ impl Sink for CredentialsFileSink {
             c.session_token()
         );
         update_file(&self.path, &self.options, |old| {
-            Ok(Some(replace_section(
-                old.unwrap_or(""),
-                &self.profile,
-                Some(&body),
-            )))
+            // Thin adaptation until update_file passes bytes.
+            let new = replace_section(old.unwrap_or("").as_bytes(), &self.profile, Some(&body))?;
+            Ok(Some(String::from_utf8(new)?))
         })
         .with_context(|| format!("writing credentials to {}", self.path.display()))?;
         Ok(())
@@ -82,10 +80,10 @@ impl Sink for CredentialsFileSink {
 
     fn withdraw(&self) -> anyhow::Result<()> {
         update_file(&self.path, &self.options, |old| {
-            Ok(old.and_then(|old| {
-                let rest = replace_section(old, &self.profile, None);
-                (!rest.trim().is_empty()).then_some(rest)
-            }))
+            // Thin adaptation until update_file passes bytes.
+            let Some(old) = old else { return Ok(None) };
+            let rest = String::from_utf8(replace_section(old.as_bytes(), &self.profile, None)?)?;
+            Ok((!rest.trim().is_empty()).then_some(rest))
         })
         .with_context(|| format!("removing credentials from {}", self.path.display()))?;
         Ok(())
