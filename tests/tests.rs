@@ -19,4 +19,5 @@ mod rotation;
 mod signals;
 mod soak;
 mod socket_activation;
+mod stall;
 mod util;

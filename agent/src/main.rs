@@ -31,7 +31,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(run(cli, &mut listen_fds, signals));
     // A write stuck in the kernel (a hung file system) must not hold the
     // exit: blocking threads get a moment to finish, then are abandoned.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
