@@ -19,3 +19,4 @@ pub mod run;
 pub mod server;
 pub mod signals;
 pub mod sink;
+pub mod trust;
