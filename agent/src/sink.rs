@@ -3,8 +3,13 @@
 //! A sink never calls IMDS: the daemon hands it the credentials to publish, or
 //! tells it to withdraw them when the role is detached. Sinks do blocking file
 //! I/O; the daemon calls them from `spawn_blocking`.
+//!
+//! File sinks reach their files only through checked directory descriptors
+//! ([`crate::trust`]), and a withdrawal removes only the file the sink itself
+//! wrote (see [`Output`]).
 
 use std::fmt;
+use std::time::SystemTime;
 
 use imds_client::RoleCredentials;
 
@@ -12,6 +17,14 @@ use imds_client::RoleCredentials;
 pub trait Sink: Send + Sync + fmt::Debug {
     /// A short name for logs and metrics, for example `credentials-file`.
     fn name(&self) -> &str;
+
+    /// Called once at start, before the first publish: checks what can be
+    /// checked early and removes this sink's own temp files left by an
+    /// earlier run that was killed (last modified before `started`).
+    fn prepare(&self, started: SystemTime) -> anyhow::Result<()> {
+        let _ = started;
+        Ok(())
+    }
 
     /// Makes `current` the published credentials. Called when they change.
     /// On error nothing already published may be damaged.
@@ -26,7 +39,7 @@ mod credentials_file;
 pub mod ini;
 mod json_file;
 
-pub use atomic::{FileOptions, Outcome, update_file};
+pub use atomic::{FileOptions, LOCK_WAIT, Outcome, Output, update_file};
 pub use credentials_file::CredentialsFileSink;
 pub use json_file::JsonFileSink;
 

@@ -152,6 +152,7 @@ pub struct TrustedDir {
     fd: OwnedFd,
     path: PathBuf,
     id: FileId,
+    owner: u32,
     shared: bool,
     trust: Trust,
 }
@@ -467,6 +468,7 @@ fn walk_counted(
             fd,
             path: shown,
             id: FileId::of(&stat),
+            owner: stat.st_uid,
             shared,
             trust: *trust,
         },
@@ -573,6 +575,11 @@ impl TrustedDir {
     /// The directory's identity.
     pub fn id(&self) -> FileId {
         self.id
+    }
+
+    /// The directory's owner.
+    pub fn owner(&self) -> u32 {
+        self.owner
     }
 
     /// Group- or other-writable with the sticky bit (like `/tmp`).
