@@ -216,7 +216,16 @@ impl Output {
                 return Ok(0);
             }
         };
-        let lock = dir.open_lock(&lock_name(&name))?;
+        let lock = match dir.open_lock(&lock_name(&name)) {
+            Ok(lock) => lock,
+            Err(e) => {
+                tracing::warn!(
+                    cause = format!("{e:#}"),
+                    "not looking for stale temp files: the lock file is refused"
+                );
+                return Ok(0);
+            }
+        };
         if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
             tracing::warn!(
                 lock = %dir.show(&lock_name(&name)),
