@@ -75,7 +75,7 @@ mod tests {
             text.starts_with("# mine\n[dev]\naws_access_key_id = DEV\n"),
             "{text}"
         );
-        let ours = ini::section_values(&text, "default").unwrap();
+        let ours = ini::section_values(text.as_ref(), "default").unwrap();
         assert_eq!(
             ours[0],
             ("aws_access_key_id".into(), "ASIAKEY0000000000001".into())
@@ -130,7 +130,8 @@ mod tests {
                     let mut reads = 0;
                     while !done.load(std::sync::atomic::Ordering::Relaxed) {
                         let text = std::fs::read_to_string(&path).unwrap();
-                        let values = ini::section_values(&text, "default").expect("complete file");
+                        let values =
+                            ini::section_values(text.as_ref(), "default").expect("complete file");
                         assert_eq!(values.len(), 3, "{text}");
                         let n = &values[0].1[7..];
                         assert!(
@@ -164,5 +165,24 @@ mod tests {
         assert_eq!(doc["AccessKeyId"], "ASIAKEY0000000000007");
         sink.withdraw().unwrap();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn withdrawal_leaves_a_file_this_sink_did_not_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("creds.json");
+        std::fs::write(&path, "a file from before a restart").unwrap();
+        let sink = JsonFileSink::new(path.clone(), FileOptions::default()).unwrap();
+        sink.withdraw().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "a file from before a restart"
+        );
+        sink.publish(&set(3)).unwrap();
+        // Someone puts another file in its place: it is not ours to delete.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "someone else's").unwrap();
+        sink.withdraw().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "someone else's");
     }
 }

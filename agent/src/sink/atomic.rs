@@ -19,12 +19,14 @@
 //!    `renameat`, and the directory is `fsync`ed. A reader opens either the
 //!    old inode or the new one, never a half-written file.
 //!
-//! An [`Output`] also remembers the file it last wrote (device and inode),
-//! so that withdrawing the credentials removes that file and never one put
-//! in its place, and removes its own temp files left by a killed run.
+//! An [`Output`] also remembers the file it last wrote (device, inode and a
+//! keyed digest of the content), so that withdrawing the credentials removes
+//! that file and never one put in its place, and removes its own temp files
+//! left by a killed run.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
+use std::hash::{BuildHasher, RandomState};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
@@ -125,23 +127,57 @@ pub enum Outcome {
     LeftAlone,
 }
 
+/// What an output wrote last: the file, and a keyed digest of its content
+/// (an inode number alone may be reused by the next file created).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mark {
+    id: FileId,
+    digest: u64,
+}
+
+/// What a withdrawal may touch: the file last written (`mark`), and, for a
+/// whole-file output, only while it still holds what was written.
+#[derive(Debug, Clone, Copy)]
+struct Expect {
+    mark: Option<Mark>,
+    whole_file: bool,
+}
+
 /// A file output: [`update_file`] plus the memory of the file it wrote.
 #[derive(Debug)]
 pub struct Output {
     path: PathBuf,
     options: FileOptions,
-    written: Mutex<Option<FileId>>,
+    whole_file: bool,
+    hasher: RandomState,
+    written: Mutex<Option<Mark>>,
 }
 
 impl Output {
-    /// An output writing `path` with `options` (checked with [`FileOptions::check`]).
+    /// An output that owns the whole file at `path` (the JSON document): a
+    /// withdrawal removes it only while it is the file written last and
+    /// still holds what was written. `options` are checked with
+    /// [`FileOptions::check`].
     pub fn new(path: PathBuf, options: FileOptions) -> anyhow::Result<Self> {
+        Self::build(path, options, true)
+    }
+
+    /// An output owning part of a file others may edit too (one profile of a
+    /// shared-credentials file): a withdrawal edits it only while it is the
+    /// file written last (same inode), whatever was changed around our part.
+    pub fn shared(path: PathBuf, options: FileOptions) -> anyhow::Result<Self> {
+        Self::build(path, options, false)
+    }
+
+    fn build(path: PathBuf, options: FileOptions, whole_file: bool) -> anyhow::Result<Self> {
         options
             .check()
             .with_context(|| format!("the output {}", path.display()))?;
         Ok(Self {
             path,
             options,
+            whole_file,
+            hasher: RandomState::new(),
             written: Mutex::new(None),
         })
     }
@@ -158,7 +194,7 @@ impl Output {
         merge: impl FnOnce(Option<&[u8]>) -> anyhow::Result<Option<Vec<u8>>>,
     ) -> anyhow::Result<Outcome> {
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        let (outcome, now) = update(&self.path, &self.options, None, merge)?;
+        let (outcome, now) = update(&self.path, &self.options, &self.hasher, None, merge)?;
         *written = now;
         Ok(outcome)
     }
@@ -171,7 +207,11 @@ impl Output {
         merge: impl FnOnce(Option<&[u8]>) -> anyhow::Result<Option<Vec<u8>>>,
     ) -> anyhow::Result<Outcome> {
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        let (outcome, now) = update(&self.path, &self.options, Some(*written), merge)?;
+        let expect = Expect {
+            mark: *written,
+            whole_file: self.whole_file,
+        };
+        let (outcome, now) = update(&self.path, &self.options, &self.hasher, Some(expect), merge)?;
         if outcome == Outcome::LeftAlone {
             tracing::warn!(
                 path = %self.path.display(),
@@ -339,18 +379,25 @@ pub fn update_file(
     options: &FileOptions,
     merge: impl FnOnce(Option<&[u8]>) -> anyhow::Result<Option<Vec<u8>>>,
 ) -> anyhow::Result<Outcome> {
-    Ok(update(path, options, None, merge)?.0)
+    Ok(update(path, options, &RandomState::new(), None, merge)?.0)
 }
 
-/// [`update_file`]. `expect`: a withdrawal, done only if the file there is
-/// this one (`Some(None)`: there should be none). Returns the outcome and
-/// the file now at the path, if it is ours.
+/// [`update_file`]. `expect`: this is a withdrawal, done only on the file
+/// it names. Returns the outcome and the mark of the file now at the path,
+/// if it is ours (`hasher` makes the digest).
 fn update(
     path: &Path,
     options: &FileOptions,
-    expect: Option<Option<FileId>>,
+    hasher: &RandomState,
+    expect: Option<Expect>,
     merge: impl FnOnce(Option<&[u8]>) -> anyhow::Result<Option<Vec<u8>>>,
-) -> anyhow::Result<(Outcome, Option<FileId>)> {
+) -> anyhow::Result<(Outcome, Option<Mark>)> {
+    let mark = |id: FileId, content: &[u8]| {
+        Some(Mark {
+            id,
+            digest: hasher.hash_one(content),
+        })
+    };
     let trust = options.trust();
     // A withdrawal creates nothing: no directory, nothing to remove.
     let Some((dir, name)) = trust::open_parent(path, &trust, expect.is_none())? else {
@@ -358,8 +405,8 @@ fn update(
     };
     let _lock = lock(&dir, &name)?;
     let mut existing = dir.open_file(&name, options.in_place)?;
-    if let (Some(expected), Some(file)) = (expect, &existing)
-        && expected != Some(file.id)
+    if let (Some(expect), Some(file)) = (expect, &existing)
+        && expect.mark.map(|m| m.id) != Some(file.id)
     {
         return Ok((Outcome::LeftAlone, None));
     }
@@ -367,13 +414,19 @@ fn update(
         Some(file) => Some(file.read_all(&dir.path().join(&name))?),
         None => None,
     };
+    if let (Some(expect), Some(old)) = (expect, &old)
+        && expect.whole_file
+        && expect.mark.map(|m| m.digest) != Some(hasher.hash_one(old.as_slice()))
+    {
+        return Ok((Outcome::LeftAlone, None));
+    }
     let wanted = merge(old.as_deref())?;
     match (existing, old, wanted) {
         (None, _, None) => Ok((Outcome::Unchanged, None)),
         (Some(file), _, None) if options.in_place => {
             // A bind-mounted file cannot be removed: empty it instead.
             write_in_place(&dir, &name, &file, b"", options)?;
-            Ok((Outcome::Removed, Some(file.id)))
+            Ok((Outcome::Removed, mark(file.id, b"")))
         }
         (Some(file), _, None) => {
             // The entry must still be the file checked (and, on withdrawal, ours).
@@ -388,23 +441,26 @@ fn update(
             dir.sync()?;
             Ok((Outcome::Removed, None))
         }
-        (Some(file), Some(old), Some(new)) if old == new && is_as_asked(&file, options) => {
-            Ok((Outcome::Unchanged, Some(file.id)))
+        // A withdrawal that changes no content fixes no mode either.
+        (Some(file), Some(old), Some(new))
+            if old == new && (expect.is_some() || is_as_asked(&file, options)) =>
+        {
+            Ok((Outcome::Unchanged, mark(file.id, &new)))
         }
         (Some(file), _, Some(new)) if options.in_place => {
             write_in_place(&dir, &name, &file, &new, options)?;
-            Ok((Outcome::Written, Some(file.id)))
+            Ok((Outcome::Written, mark(file.id, &new)))
         }
         (None, _, Some(new)) if options.in_place => {
             let file = dir
                 .create_new(&name, options.mode)
                 .with_context(|| format!("creating {}", dir.show(&name)))?;
             let id = write_new(&dir, &name, file, &new, options)?;
-            Ok((Outcome::Written, Some(id)))
+            Ok((Outcome::Written, mark(id, &new)))
         }
         (_, _, Some(new)) => {
             let id = write_replacing(&dir, &name, &new, options)?;
-            Ok((Outcome::Written, Some(id)))
+            Ok((Outcome::Written, mark(id, &new)))
         }
     }
 }
@@ -854,10 +910,27 @@ mod tests {
         fs::write(&path, "someone else's").unwrap();
         assert_eq!(output.withdraw(|_| Ok(None)).unwrap(), Outcome::LeftAlone);
         assert_eq!(fs::read_to_string(&path).unwrap(), "someone else's");
+        // The same inode with other content (edited in place, or a reused
+        // inode number): not what this whole-file output wrote.
+        output.publish(|_| text("ours")).unwrap();
+        fs::write(&path, "edited in place").unwrap();
+        assert_eq!(output.withdraw(|_| Ok(None)).unwrap(), Outcome::LeftAlone);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "edited in place");
         output.publish(|_| text("ours")).unwrap();
         assert_eq!(output.withdraw(|_| Ok(None)).unwrap(), Outcome::Removed);
         assert!(!path.exists());
         assert_eq!(output.withdraw(|_| Ok(None)).unwrap(), Outcome::Unchanged);
+
+        // A shared file (one profile of a credentials file) may be edited
+        // around our part: the same inode is enough.
+        let shared = Output::shared(path.clone(), FileOptions::default()).unwrap();
+        shared.publish(|_| text("[ours]\n")).unwrap();
+        fs::write(&path, "[ours]\n[theirs]\n").unwrap();
+        assert_eq!(
+            shared.withdraw(|_| text("[theirs]\n")).unwrap(),
+            Outcome::Written
+        );
+        assert_eq!(fs::read_to_string(&path).unwrap(), "[theirs]\n");
     }
 
     #[test]

@@ -44,7 +44,7 @@ impl CredentialsFileSink {
             bail!("invalid profile name {profile:?}: use letters, digits, '-' or '_'");
         }
         Ok(Self {
-            output: Output::new(path, options)?,
+            output: Output::shared(path, options)?,
             profile,
         })
     }
