@@ -20,8 +20,10 @@
 //!   only when it is owned by a trusted user, and from then on every
 //!   directory it leads through must be owned by a trusted user too (the file
 //!   owner does not count there). At most 40 links are followed. So a link
-//!   planted by someone else is refused, which is stricter than the kernel's
-//!   `fs.protected_symlinks` (root follows a link in a directory it owns).
+//!   planted by someone else is refused wherever it is, which is stricter
+//!   than the kernel's `fs.protected_symlinks` (that guards only sticky,
+//!   world-writable directories, and lets root follow a link in a directory
+//!   the link's owner owns). The agent never resolves links by hand.
 //! - **The directory holding a file** must be owned by root, the agent's
 //!   user or the file owner, and not writable by group or others. A
 //!   group/other-writable directory with the sticky bit (like `/tmp`) is
@@ -35,6 +37,18 @@
 //!   descriptor (same inode as looked at): a regular file, owned by root, the
 //!   agent's user or the file owner, one hard link, at most
 //!   [`MAX_FILE_SIZE`] bytes. Otherwise it is an error, and nothing is read.
+//!
+//! # Using it
+//!
+//! [`open_dir`] (or [`open_dir_if_exists`], [`create_dir_all`]) gives a
+//! [`TrustedDir`]; [`open_parent`] gives the directory and name of a file,
+//! following a trusted symlink at the file's own name. Then, always through
+//! the directory: [`TrustedDir::open_file`] (checked, `None` when absent),
+//! [`TrustedDir::create_new`] (`O_EXCL | O_NOFOLLOW`, exact mode),
+//! [`TrustedDir::open_lock`], [`TrustedDir::rename`],
+//! [`TrustedDir::remove`], [`TrustedDir::sync`]. [`Trust::agent`] accepts
+//! root and the agent's user; [`Trust::with_file_owner`] adds the output
+//! files' owner.
 //!
 //! # Why the file owner may own the directory
 //!
