@@ -790,9 +790,19 @@ impl TrustedDir {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::{PermissionsExt, symlink};
+
+    /// Held by every test that changes the process-wide umask, so two of
+    /// them never interleave their save and restore.
+    pub(crate) static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// `mkdir` with exactly `mode`, whatever umask another test has set.
+    pub(crate) fn mkdir(path: &Path, mode: u32) {
+        std::fs::create_dir(path).unwrap();
+        chmod(path, mode);
+    }
 
     fn chmod(path: &Path, mode: u32) {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -810,7 +820,7 @@ mod tests {
     fn a_group_or_other_writable_directory_is_refused_unless_sticky() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("out");
-        std::fs::create_dir(&dir).unwrap();
+        mkdir(&dir, 0o755);
         chmod(&dir, 0o775);
         let err = message(open_dir(&dir, &Trust::agent()));
         assert!(
@@ -830,7 +840,7 @@ mod tests {
     fn a_directory_owned_by_another_user_is_refused_unless_it_is_the_file_owner() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("home");
-        std::fs::create_dir(&dir).unwrap();
+        mkdir(&dir, 0o755);
         chown(&dir, 54321);
         let err = message(open_dir(&dir, &Trust::agent()));
         assert!(err.contains("owned by uid 54321"), "{err}");
@@ -840,7 +850,7 @@ mod tests {
     #[test]
     fn a_symlink_to_a_directory_is_followed_when_ours_and_the_real_path_is_reported() {
         let tmp = tempfile::tempdir().unwrap();
-        std::fs::create_dir(tmp.path().join("real")).unwrap();
+        mkdir(&tmp.path().join("real"), 0o755);
         symlink("real", tmp.path().join("link")).unwrap();
         let dir = open_dir(&tmp.path().join("link"), &Trust::agent()).unwrap();
         assert_eq!(dir.path(), tmp.path().join("real"));
@@ -855,7 +865,7 @@ mod tests {
     fn a_symlink_someone_else_owns_is_never_followed() {
         let tmp = tempfile::tempdir().unwrap();
         let victim = tmp.path().join("victim");
-        std::fs::create_dir(&victim).unwrap();
+        mkdir(&victim, 0o755);
         std::fs::write(victim.join("shadow"), "root:hash").unwrap();
         symlink(&victim, tmp.path().join("dirlink")).unwrap();
         chown(&tmp.path().join("dirlink"), 54321);
@@ -876,7 +886,7 @@ mod tests {
     fn a_followed_symlink_may_only_lead_through_directories_root_or_the_agent_owns() {
         let tmp = tempfile::tempdir().unwrap();
         let theirs = tmp.path().join("theirs");
-        std::fs::create_dir(&theirs).unwrap();
+        mkdir(&theirs, 0o755);
         chown(&theirs, 54321);
         symlink("theirs/file", tmp.path().join("link")).unwrap();
         let trust = Trust::agent().with_file_owner(Some(54321));
@@ -965,6 +975,7 @@ mod tests {
                 .is_none()
         );
         assert!(message(open_dir(&path, &Trust::agent())).contains("does not exist"));
+        let _umask = UMASK.lock().unwrap_or_else(|e| e.into_inner());
         let old = rustix::process::umask(Mode::from_raw_mode(0o077));
         let made = create_dir_all(&path, &Trust::agent());
         rustix::process::umask(Mode::from_raw_mode(0o000));

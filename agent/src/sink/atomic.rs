@@ -664,6 +664,9 @@ mod tests {
     fn writes_with_exact_mode_whatever_the_umask_and_skips_unchanged() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/dir/file");
+        let _umask = crate::trust::tests::UMASK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o000));
         let outcome = update_file(&path, &FileOptions::default(), |_| text("one")).unwrap();
         rustix::process::umask(old);
@@ -1019,7 +1022,7 @@ mod tests {
         fs::write(&shadow, "root:$6$hash").unwrap();
         fs::set_permissions(&shadow, fs::Permissions::from_mode(0o600)).unwrap();
         let out = dir.path().join("out");
-        fs::create_dir(&out).unwrap();
+        crate::trust::tests::mkdir(&out, 0o755);
         std::os::unix::fs::chown(&out, Some(54321), Some(54321)).unwrap();
         let link = out.join("credentials");
         symlink(&shadow, &link).unwrap();
@@ -1069,7 +1072,7 @@ mod tests {
     fn a_failed_write_leaves_the_old_file_and_no_temp_file() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
-        fs::create_dir(&out).unwrap();
+        crate::trust::tests::mkdir(&out, 0o755);
         let path = out.join("file");
         update_file(&path, &FileOptions::default(), |_| text("old")).unwrap();
         // An immutable directory refuses new files even to root: the write
