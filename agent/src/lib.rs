@@ -21,3 +21,4 @@ pub mod server;
 pub mod shutdown;
 pub mod signals;
 pub mod sink;
+pub mod trust;

@@ -1,11 +1,12 @@
 //! The AWS shared-credentials file output (`~/.aws/credentials` format).
 
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 use anyhow::{Context, bail};
 use imds_client::RoleCredentials;
 
-use super::atomic::{FileOptions, update_file};
+use super::atomic::{FileOptions, Output};
 use super::ini::replace_section;
 use crate::sink::Sink;
 
@@ -13,24 +14,25 @@ use crate::sink::Sink;
 /// file is left as its owner wrote it.
 #[derive(Debug)]
 pub struct CredentialsFileSink {
-    path: PathBuf,
+    output: Output,
     profile: String,
-    options: FileOptions,
 }
 
 impl CredentialsFileSink {
     /// A sink for `profile` in the file at `path`.
     pub fn new(path: PathBuf, profile: String, options: FileOptions) -> anyhow::Result<Self> {
+        // `#` and `;` start a comment in the SDKs' parsers, which would cut
+        // the header short; brackets and control characters break it.
         if profile.trim().is_empty()
-            || profile.contains(['[', ']', '\n', '\r'])
+            || profile.contains(['[', ']', '#', ';'])
+            || profile.chars().any(char::is_control)
             || profile != profile.trim()
         {
             bail!("invalid profile name {profile:?}: use letters, digits, '-' or '_'");
         }
         Ok(Self {
-            path,
+            output: Output::shared(path, options)?,
             profile,
-            options,
         })
     }
 }
@@ -55,6 +57,13 @@ impl Sink for CredentialsFileSink {
         "credentials-file"
     }
 
+    fn prepare(&self, started: SystemTime) -> anyhow::Result<()> {
+        self.output
+            .remove_stale_temp_files(started)
+            .with_context(|| format!("preparing {}", self.output.path().display()))?;
+        Ok(())
+    }
+
     fn publish(&self, current: &RoleCredentials) -> anyhow::Result<()> {
         check_complete(current)?;
         let c = &current.credentials;
@@ -69,23 +78,27 @@ impl Sink for CredentialsFileSink {
             c.secret_access_key(),
             c.session_token()
         );
-        update_file(&self.path, &self.options, |old| {
-            // Thin adaptation until update_file passes bytes.
-            let new = replace_section(old.unwrap_or("").as_bytes(), &self.profile, Some(&body))?;
-            Ok(Some(String::from_utf8(new)?))
-        })
-        .with_context(|| format!("writing credentials to {}", self.path.display()))?;
+        self.output
+            .publish(|old| {
+                replace_section(old.unwrap_or_default(), &self.profile, Some(&body)).map(Some)
+            })
+            .with_context(|| format!("writing credentials to {}", self.output.path().display()))?;
         Ok(())
     }
 
     fn withdraw(&self) -> anyhow::Result<()> {
-        update_file(&self.path, &self.options, |old| {
-            // Thin adaptation until update_file passes bytes.
-            let Some(old) = old else { return Ok(None) };
-            let rest = String::from_utf8(replace_section(old.as_bytes(), &self.profile, None)?)?;
-            Ok((!rest.trim().is_empty()).then_some(rest))
-        })
-        .with_context(|| format!("removing credentials from {}", self.path.display()))?;
+        self.output
+            .withdraw(|old| {
+                let Some(old) = old else { return Ok(None) };
+                let rest = replace_section(old, &self.profile, None)?;
+                // Nothing left but blank lines (and perhaps the BOM another
+                // tool wrote): the file held only our profile.
+                let left = rest.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&rest);
+                Ok((!left.iter().all(u8::is_ascii_whitespace)).then_some(rest))
+            })
+            .with_context(|| {
+                format!("removing credentials from {}", self.output.path().display())
+            })?;
         Ok(())
     }
 }
