@@ -27,6 +27,14 @@ use crate::util::{Running, Stranger, agent_against, unix_get, wait_for};
 /// Connections the flooder holds open before the good client asks.
 const FLOOD: usize = 1200;
 
+/// The agent's default limits, as documented (`ServerLimits::default()`).
+struct ServerLimitsDefaults;
+
+impl ServerLimitsDefaults {
+    /// Connections one uid may hold at once.
+    const PER_PEER: usize = 64;
+}
+
 /// The most the agent may log (warnings and up, as by default) while it
 /// refuses a flood of thousands of connections: the start-up lines, one line
 /// for the first refusal and a summary per interval, nothing per connection.
@@ -47,7 +55,9 @@ fn raise_file_limit() {
 /// `unix:PATH` or `tcp:ADDR`, sending a request head without a token on
 /// every other one and nothing on the rest, prints `ready N`, then keeps
 /// replacing its oldest connection with a new one until it is killed.
-/// With `IMDS_FLOOD_COUNT=0` it makes one request and prints `status N`.
+/// With `IMDS_FLOOD_COUNT=0` it is a good client instead: it makes
+/// `IMDS_FLOOD_REPEAT` requests in a row (with `IMDS_FLOOD_AUTH` as the
+/// token) and prints `statuses N N ...`.
 #[test]
 #[ignore = "not a test: the flooding client the flood tests run as an unprivileged user"]
 fn flooder() {
@@ -74,15 +84,32 @@ fn flooder() {
         )
     };
     if count == 0 {
-        let mut stream = connect().expect("connecting");
-        // A refused peer may find the connection closed, its answer waiting.
-        let head = head.replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
-        let _ = stream.write_all(head.as_bytes());
-        let mut raw = Vec::new();
-        let _ = stream.read_to_end(&mut raw);
-        let raw = String::from_utf8_lossy(&raw);
-        let status = raw.split_whitespace().nth(1).unwrap_or("0");
-        println!("status {status}");
+        // A good client: IMDS_FLOOD_REPEAT requests in a row, one connection
+        // each, with the token in IMDS_FLOOD_AUTH if any.
+        let repeat: usize = std::env::var("IMDS_FLOOD_REPEAT")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(1);
+        let auth = std::env::var("IMDS_FLOOD_AUTH")
+            .map(|token| format!("Authorization: {token}\r\n"))
+            .unwrap_or_default();
+        let head = head.replace("\r\n\r\n", &format!("\r\n{auth}Connection: close\r\n\r\n"));
+        let mut statuses = Vec::new();
+        for _ in 0..repeat {
+            let status = match connect() {
+                Ok(mut stream) => {
+                    // A refused peer may find the connection shut, its answer waiting.
+                    let _ = stream.write_all(head.as_bytes());
+                    let mut raw = Vec::new();
+                    let _ = stream.read_to_end(&mut raw);
+                    let raw = String::from_utf8_lossy(&raw);
+                    raw.split_whitespace().nth(1).unwrap_or("0").to_owned()
+                }
+                Err(e) => format!("connect-error:{}", e.kind()),
+            };
+            statuses.push(status);
+        }
+        println!("statuses {}", statuses.join(" "));
         return;
     }
     let open = |i: usize| -> Option<Box<dyn ReadWrite>> {
@@ -184,19 +211,47 @@ impl Drop for Flood {
     }
 }
 
-/// One request made by `cmd` (a flooder with count 0): its status.
-fn status_of(mut cmd: Command) -> u16 {
+/// The statuses of the requests made by `cmd` (a flooder with count 0).
+fn statuses_of(mut cmd: Command) -> Vec<String> {
     let out = cmd.output().expect("running setpriv");
     let stdout = String::from_utf8_lossy(&out.stdout);
     stdout
         .lines()
-        .find_map(|l| l.split("status ").nth(1)?.trim().parse().ok())
+        .find_map(|l| {
+            let list = l.split("statuses ").nth(1)?;
+            Some(list.split_whitespace().map(str::to_owned).collect())
+        })
         .unwrap_or_else(|| {
             panic!(
-                "no status from the client: {stdout}{}",
+                "no statuses from the client: {stdout}{}",
                 String::from_utf8_lossy(&out.stderr)
             )
         })
+}
+
+/// The status of one request made by `cmd` (a flooder with count 0).
+fn status_of(cmd: Command) -> u16 {
+    let statuses = statuses_of(cmd);
+    statuses[0]
+        .parse()
+        .unwrap_or_else(|_| panic!("expected an HTTP status, got {statuses:?}"))
+}
+
+/// Asserts that `cmd`, a good client asking 50 times in a row during a
+/// flood, got 200 every time.
+fn assert_served_50_times(mut cmd: Command) {
+    cmd.env("IMDS_FLOOD_REPEAT", "50");
+    let statuses = statuses_of(cmd);
+    let refused: Vec<_> = statuses
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| *s != "200")
+        .collect();
+    assert!(
+        statuses.len() == 50 && refused.is_empty(),
+        "expected 50 times 200 during the flood, got {} answers, these not 200 (request, status): {refused:?}",
+        statuses.len()
+    );
 }
 
 /// A labelled metric's value from `/metrics`, e.g.
@@ -340,6 +395,12 @@ async fn a_no_token_flood_on_the_container_endpoint_does_not_crowd_out_a_client_
             "request {i} of 50 during the flood: expected 200 with credentials, got {answer:?}"
         );
     }
+    // Another ordinary user with the token, too: the flood's connections
+    // count against the flooding uid, not against everyone on 127.0.0.1.
+    let other = Stranger::new();
+    let mut client = flooder_as(other.uid, other.gid, &[], &format!("tcp:{addr}"), 0);
+    client.env("IMDS_FLOOD_AUTH", &token);
+    assert_served_50_times(client);
     drop(flood);
     assert!(running.stop_with(Signal::TERM).success());
     let text = assert_small_log(&log, stranger.uid);
@@ -347,6 +408,50 @@ async fn a_no_token_flood_on_the_container_endpoint_does_not_crowd_out_a_client_
         !text.contains(token.as_str()),
         "the container token is in the log"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
+async fn one_user_holding_1200_connections_cannot_take_the_slots_of_another() {
+    raise_file_limit();
+    let (flooding, good) = (Stranger::new(), Stranger::new());
+    let group = Stranger::new().gid;
+    let imds = MockImds::builder().role("r").start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("agent.sock");
+    let log = dir.path().join("agent.log");
+    // Both users may use the socket (its group); no allow-list.
+    let mut cmd = agent_against(&imds);
+    cmd.arg("--socket")
+        .arg(&socket)
+        .args(["--socket-mode", "0660", "--socket-group"])
+        .arg(group.to_string());
+    let running = Running::start_logging_to(cmd, &log);
+    crate::util::wait_for_served_credentials(&socket);
+    let target = format!("unix:{}", socket.display());
+
+    let flood = Flood::start(flooder_as(
+        flooding.uid,
+        flooding.gid,
+        &[group],
+        &target,
+        FLOOD,
+    ));
+    assert_served_50_times(flooder_as(good.uid, good.gid, &[group], &target, 0));
+    let capped = labelled_metric(
+        &socket,
+        "imds_agent_refused_connections_total{endpoint=\"socket\",reason=\"peer_limit\"}",
+    );
+    let held = ServerLimitsDefaults::PER_PEER;
+    assert!(
+        capped >= (FLOOD - held) as u64,
+        "expected at least {} connections of the flooding uid refused past its cap of {held}, got {capped}",
+        FLOOD - held
+    );
+    drop(flood);
+    assert!(running.stop_with(Signal::TERM).success());
+    assert_small_log(&log, flooding.uid);
 }
 
 /// `--allow-gid` matches the peer's primary group only (what `SO_PEERCRED`
