@@ -18,8 +18,10 @@
 //! `a_lookup_stays_cheap_with_1200_connections_open` measures it).
 //!
 //! The answer is what the kernel recorded when the socket was created; a
-//! peer cannot choose it. When there is no answer (the peer closed its end
-//! already, or netlink is unavailable) the caller falls back to the address.
+//! peer cannot choose it. Where netlink is not allowed (systemd's
+//! `RestrictAddressFamilies=` without `AF_NETLINK`) the agent reads
+//! `/proc/net/tcp` instead, and says so once. When there is no answer (the
+//! peer closed its end already) the caller falls back to the address.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -43,15 +45,32 @@ const UID_OFFSET: usize = 64;
 
 /// The uid that created the socket at `peer` connected to us at `local`,
 /// if the kernel knows it.
+///
+/// Where netlink sockets are not allowed (a unit with
+/// `RestrictAddressFamilies=` that omits `AF_NETLINK`), the same answer is
+/// read from `/proc/net/tcp` or `/proc/net/tcp6`: correct, but slower under
+/// a flood (see the module docs), which is logged once.
 pub(crate) fn tcp_peer_uid(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
-    let (family, src, dst) = match (unmap(peer.ip()), unmap(local.ip())) {
-        (IpAddr::V4(p), IpAddr::V4(l)) => {
-            (AddressFamily::INET, words(&p.octets()), words(&l.octets()))
+    match netlink_lookup(peer, local) {
+        Ok(uid) => uid,
+        Err(e) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    error = %e,
+                    "cannot ask the kernel who owns a loopback connection over netlink; reading /proc/net/tcp instead, which is slower under a flood. Hint: allow AF_NETLINK in the unit's RestrictAddressFamilies="
+                );
+            });
+            proc_net_lookup(peer, local)
         }
-        (IpAddr::V6(p), IpAddr::V6(l)) => {
-            (AddressFamily::INET6, words(&p.octets()), words(&l.octets()))
-        }
-        _ => return None,
+    }
+}
+
+/// The exact `NETLINK_SOCK_DIAG` lookup: `Err` when netlink is unavailable,
+/// `Ok(None)` when there is no such socket.
+fn netlink_lookup(peer: SocketAddr, local: SocketAddr) -> std::io::Result<Option<u32>> {
+    let Some((family, src, dst)) = endpoints(peer, local) else {
+        return Ok(None);
     };
     let request = request(family.as_raw() as u8, peer.port(), local.port(), &src, &dst);
     let fd = rustix::net::socket_with(
@@ -59,19 +78,69 @@ pub(crate) fn tcp_peer_uid(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
         SocketType::DGRAM,
         SocketFlags::CLOEXEC,
         Some(netlink::SOCK_DIAG),
-    )
-    .ok()?;
+    )?;
     rustix::net::sendto(
         &fd,
         &request,
         SendFlags::empty(),
         &SocketAddrNetlink::new(0, 0),
-    )
-    .ok()?;
+    )?;
     // The kernel answers while handling the send: the reply is queued already.
     let mut reply = [0u8; 512];
-    let (received, _) = rustix::net::recv(&fd, &mut reply, RecvFlags::DONTWAIT).ok()?;
-    parse(&reply[..received], peer.port(), local.port(), &src, &dst)
+    let (received, _) = rustix::net::recv(&fd, &mut reply, RecvFlags::DONTWAIT)?;
+    Ok(parse(
+        &reply[..received],
+        peer.port(),
+        local.port(),
+        &src,
+        &dst,
+    ))
+}
+
+/// The address family and both addresses as `__be32[4]`, IPv4-mapped
+/// addresses unmapped; `None` when the two ends are of different families.
+fn endpoints(peer: SocketAddr, local: SocketAddr) -> Option<(AddressFamily, [u8; 16], [u8; 16])> {
+    match (unmap(peer.ip()), unmap(local.ip())) {
+        (IpAddr::V4(p), IpAddr::V4(l)) => {
+            Some((AddressFamily::INET, words(&p.octets()), words(&l.octets())))
+        }
+        (IpAddr::V6(p), IpAddr::V6(l)) => {
+            Some((AddressFamily::INET6, words(&p.octets()), words(&l.octets())))
+        }
+        _ => None,
+    }
+}
+
+/// The same answer from `/proc/net/tcp` (or `tcp6`): the `uid` column of
+/// the row whose local address is the peer's and whose remote address is ours.
+fn proc_net_lookup(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
+    let (family, src, dst) = endpoints(peer, local)?;
+    let (path, len) = if family == AddressFamily::INET {
+        ("/proc/net/tcp", 4)
+    } else {
+        ("/proc/net/tcp6", 16)
+    };
+    // As the kernel prints them: each 32-bit word of the address in host
+    // order, then the port, in upper-case hex.
+    let format = |addr: &[u8; 16], port: u16| {
+        let mut out = String::new();
+        for word in addr[..len].chunks(4) {
+            out.push_str(&format!(
+                "{:08X}",
+                u32::from_ne_bytes(word.try_into().expect("4 bytes"))
+            ));
+        }
+        format!("{out}:{port:04X}")
+    };
+    let (want_local, want_remote) = (format(&src, peer.port()), format(&dst, local.port()));
+    let table = std::fs::read_to_string(path).ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&want_local.as_str())
+            && fields.get(2) == Some(&want_remote.as_str()))
+        .then(|| fields.get(7)?.parse().ok())
+        .flatten()
+    })
 }
 
 /// An IPv4 address mapped into IPv6 as the IPv4 address it is.
@@ -152,6 +221,30 @@ mod tests {
     }
 
     #[test]
+    fn proc_net_tcp_gives_the_same_answer() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        let local = server.local_addr().unwrap();
+        eqnice(
+            Some(rustix::process::geteuid().as_raw()),
+            proc_net_lookup(peer, local),
+        );
+        eqnice(
+            None,
+            proc_net_lookup(SocketAddr::from(([127, 0, 0, 1], 1)), local),
+        );
+        if let Ok(listener) = std::net::TcpListener::bind("[::1]:0") {
+            let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, peer) = listener.accept().unwrap();
+            eqnice(
+                Some(rustix::process::geteuid().as_raw()),
+                proc_net_lookup(peer, server.local_addr().unwrap()),
+            );
+        }
+    }
+
+    #[test]
     fn ipv6_loopback_too() {
         let Ok(listener) = std::net::TcpListener::bind("[::1]:0") else {
             return; // no IPv6 on this machine
@@ -174,6 +267,10 @@ mod tests {
     /// The cost the module docs quote: one lookup with 1,200 connections open.
     #[test]
     fn a_lookup_stays_cheap_with_1200_connections_open() {
+        // 2,400 descriptors: more than the usual soft limit of 1,024.
+        let mut limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        limit.current = limit.maximum;
+        rustix::process::setrlimit(rustix::process::Resource::Nofile, limit).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let mut held = Vec::new();
