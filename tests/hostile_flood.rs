@@ -150,9 +150,29 @@ type Connect = Box<dyn Fn() -> std::io::Result<Box<dyn ReadWrite>>>;
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
+/// A copy of this test binary in `dir` (which anyone may traverse), so that
+/// a stranger can run it wherever the build directory is (under `/root`, say).
+fn flooder_binary(dir: &Path) -> std::path::PathBuf {
+    let (exe, bin) = (std::env::current_exe().unwrap(), dir.join("flooder"));
+    // A hard link when it can (nothing is written, so nothing can make the
+    // file "busy" for exec), else a copy.
+    if std::fs::hard_link(&exe, &bin).is_err() {
+        std::fs::copy(&exe, &bin).expect("copying the test binary");
+    }
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
 /// `setpriv` as `uid` with primary group `gid` and the supplementary
-/// `groups`, running this test binary's `flooder` against `target`.
-fn flooder_as(uid: u32, gid: u32, groups: &[u32], target: &str, count: usize) -> Command {
+/// `groups`, running `bin` (this test binary's copy) as the `flooder` against `target`.
+fn flooder_as(
+    bin: &Path,
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    target: &str,
+    count: usize,
+) -> Command {
     let mut cmd = Command::new("setpriv");
     cmd.arg(format!("--reuid={uid}"))
         .arg(format!("--regid={gid}"));
@@ -164,7 +184,7 @@ fn flooder_as(uid: u32, gid: u32, groups: &[u32], target: &str, count: usize) ->
     }
     cmd.arg("--inh-caps=-all")
         .arg("--")
-        .arg(std::env::current_exe().unwrap())
+        .arg(bin)
         .args([
             "--exact",
             "hostile_flood::flooder",
@@ -292,6 +312,7 @@ async fn a_refused_uid_holding_1200_connections_does_not_crowd_out_an_allowed_cl
     let imds = MockImds::builder().role("r").start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = flooder_binary(dir.path());
     let socket = dir.path().join("agent.sock");
     let log = dir.path().join("agent.log");
     // The stranger may open the socket (its group), but only root is allowed.
@@ -305,6 +326,7 @@ async fn a_refused_uid_holding_1200_connections_does_not_crowd_out_an_allowed_cl
     crate::util::wait_for_served_credentials(&socket);
 
     let flood = Flood::start(flooder_as(
+        &bin,
         stranger.uid,
         stranger.gid,
         &[],
@@ -350,6 +372,8 @@ async fn a_no_token_flood_on_the_container_endpoint_does_not_crowd_out_a_client_
     let stranger = Stranger::new();
     let imds = MockImds::builder().role("r").start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = flooder_binary(dir.path());
     let token_file = dir.path().join("token");
     let log = dir.path().join("agent.log");
     let addr = {
@@ -382,6 +406,7 @@ async fn a_no_token_flood_on_the_container_endpoint_does_not_crowd_out_a_client_
     });
 
     let flood = Flood::start(flooder_as(
+        &bin,
         stranger.uid,
         stranger.gid,
         &[],
@@ -398,7 +423,7 @@ async fn a_no_token_flood_on_the_container_endpoint_does_not_crowd_out_a_client_
     // Another ordinary user with the token, too: the flood's connections
     // count against the flooding uid, not against everyone on 127.0.0.1.
     let other = Stranger::new();
-    let mut client = flooder_as(other.uid, other.gid, &[], &format!("tcp:{addr}"), 0);
+    let mut client = flooder_as(&bin, other.uid, other.gid, &[], &format!("tcp:{addr}"), 0);
     client.env("IMDS_FLOOD_AUTH", &token);
     assert_served_50_times(client);
     drop(flood);
@@ -419,6 +444,7 @@ async fn one_user_holding_1200_connections_cannot_take_the_slots_of_another() {
     let imds = MockImds::builder().role("r").start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = flooder_binary(dir.path());
     let socket = dir.path().join("agent.sock");
     let log = dir.path().join("agent.log");
     // Both users may use the socket (its group); no allow-list.
@@ -432,13 +458,14 @@ async fn one_user_holding_1200_connections_cannot_take_the_slots_of_another() {
     let target = format!("unix:{}", socket.display());
 
     let flood = Flood::start(flooder_as(
+        &bin,
         flooding.uid,
         flooding.gid,
         &[group],
         &target,
         FLOOD,
     ));
-    assert_served_50_times(flooder_as(good.uid, good.gid, &[group], &target, 0));
+    assert_served_50_times(flooder_as(&bin, good.uid, good.gid, &[group], &target, 0));
     let capped = labelled_metric(
         &socket,
         "imds_agent_refused_connections_total{endpoint=\"socket\",reason=\"peer_limit\"}",
@@ -477,6 +504,7 @@ async fn allow_gid_matches_the_primary_group_only() {
     let imds = MockImds::builder().role("r").start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = flooder_binary(dir.path());
     let socket = dir.path().join("agent.sock");
     let target = format!("unix:{}", socket.display());
     let start = |allow_gid: bool| {
@@ -497,12 +525,13 @@ async fn allow_gid_matches_the_primary_group_only() {
     let running = start(true);
     eqnice!(
         200,
-        status_of(flooder_as(primary.uid, group, &[], &target, 0))
+        status_of(flooder_as(&bin, primary.uid, group, &[], &target, 0))
     );
     // Its group lets it open the socket, but --allow-gid does not count it.
     eqnice!(
         403,
         status_of(flooder_as(
+            &bin,
             supplementary.uid,
             supplementary.gid,
             &[group],
@@ -517,6 +546,7 @@ async fn allow_gid_matches_the_primary_group_only() {
     eqnice!(
         200,
         status_of(flooder_as(
+            &bin,
             supplementary.uid,
             supplementary.gid,
             &[group],
