@@ -12,9 +12,9 @@
 //! A request refused for its token or headers is answered at once with
 //! `Connection: close`, so it holds a connection slot only while it is
 //! answered. Connections are capped in all and per peer (see
-//! [`crate::limits`]); since every local process comes from `127.0.0.1`, a
+//! `limits`); since every local process comes from `127.0.0.1`, a
 //! loopback peer is the uid that owns its socket, asked of the kernel at
-//! accept ([`crate::limits::sock_diag`]), so one user cannot take the slots
+//! accept (`limits::sock_diag`), so one user cannot take the slots
 //! of all the others. Refusals are counted in `/metrics` and logged
 //! sparingly.
 

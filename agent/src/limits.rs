@@ -19,14 +19,20 @@
 //!   agent's own user are exempt: the agent trusts them anyway (they can stop
 //!   or trace it), and its own tools may need more.
 //! - **Refusals are counted, and logged sparingly.** The first refusal of a
-//!   peer (for each reason) is logged with its uid, gid and pid; further ones are counted and
-//!   summarised once per [`REFUSAL_SUMMARY_INTERVAL`], so a flood of
+//!   peer for each reason is logged with its uid, gid and pid; further ones
+//!   are counted and summarised once per [`REFUSAL_SUMMARY_INTERVAL`], so a flood of
 //!   thousands of connections costs a few log lines, not one per connection
 //!   (which would push real audit lines past journald's rate limit). Every
 //!   refusal is counted in `/metrics`.
 //!
 //! Accepted connections are bounded in header size, header read time and
 //! lifetime, so memory stays bounded.
+//!
+//! What this does not do: a user who controls many uids (a range of
+//! subordinate uids mapped into a user namespace, say) gets a share per uid,
+//! and enough of them can still fill the global cap; the global cap keeps
+//! the agent itself safe either way. A loopback peer whose owner the kernel
+//! cannot name (its socket is already gone) is counted under its address.
 
 pub(crate) mod sock_diag;
 

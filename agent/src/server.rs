@@ -6,7 +6,7 @@
 //! connection is accepted. A refused peer gets a fixed 403, written without
 //! waiting, and its connection is shut at once: it never holds a connection
 //! slot, and the agent never waits for its request head. Its first refusal is logged with its uid, gid and
-//! pid, further ones are summarised (see [`crate::limits`]). Connections are
+//! pid, further ones are summarised (see `limits`). Connections are
 //! bounded in number (in all, and per uid), header size, header read time and
 //! lifetime, so one misbehaving user cannot starve the others.
 
