@@ -13,6 +13,7 @@ mod doctor;
 mod fault_matrix;
 mod hostile;
 mod hostile_files;
+mod hostile_flood;
 mod macros;
 mod mock_imds;
 mod notify;

@@ -181,7 +181,9 @@ pub struct RunArgs {
     /// Group (numeric gid) of the socket file.
     #[arg(long, env = "IMDS_AGENT_SOCKET_GROUP", value_name = "GID")]
     pub socket_group: Option<u32>,
-    /// Only these peer uids may use the socket (repeat or comma-separate). Default: anyone the socket's mode lets in.
+    /// Only these peer uids may use the socket (repeat or comma-separate): the
+    /// peer's effective uid when it connected (SO_PEERCRED). Others get 403 and
+    /// are closed at once. Default: anyone the socket's mode lets in.
     #[arg(
         long,
         env = "IMDS_AGENT_ALLOW_UID",
@@ -189,7 +191,12 @@ pub struct RunArgs {
         value_name = "UID"
     )]
     pub allow_uid: Vec<u32>,
-    /// Only peers in these gids may use the socket (repeat or comma-separate).
+    /// Only peers whose primary group is one of these gids may use the socket
+    /// (repeat or comma-separate; with --allow-uid, a peer matching either
+    /// list is allowed). Matches the primary group only (SO_PEERCRED's gid when
+    /// the peer connected), never supplementary groups: to admit a group's
+    /// members by any of their groups, give the socket that group instead
+    /// (--socket-group GID --socket-mode 0660), which the kernel checks.
     #[arg(
         long,
         env = "IMDS_AGENT_ALLOW_GID",

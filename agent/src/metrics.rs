@@ -16,6 +16,7 @@ pub struct Metrics {
     last_success_unix: AtomicU64,
     requests: AtomicU64,
     denied: AtomicU64,
+    refused: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     sink_failures: AtomicU64,
     outputs_stuck: AtomicU64,
 }
@@ -52,6 +53,17 @@ impl Metrics {
     /// A connection refused by the peer allow-list.
     pub fn denied(&self) {
         self.denied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection or request refused on `endpoint` (`socket`,
+    /// `container`) for `reason` (`allow_list`, `peer_limit`, `no_token`, ...).
+    pub fn refused(&self, endpoint: &'static str, reason: &'static str) {
+        *self
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((endpoint, reason))
+            .or_default() += 1;
     }
 
     /// An output that could not be written.
@@ -147,6 +159,25 @@ impl Metrics {
                 String::new(),
                 self.denied.load(Ordering::Relaxed).to_string(),
             )],
+        );
+        let refused = self
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        metric(
+            "imds_agent_refused_connections_total",
+            "counter",
+            "Connections and requests refused at once, by endpoint and reason (allow_list, unknown_peer, peer_limit, global_limit, no_token, wrong_token, forged).",
+            refused
+                .into_iter()
+                .map(|((endpoint, reason), v)| {
+                    (
+                        format!("{{endpoint=\"{endpoint}\",reason=\"{reason}\"}}"),
+                        v.to_string(),
+                    )
+                })
+                .collect(),
         );
         metric(
             "imds_agent_output_failures_total",

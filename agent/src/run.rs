@@ -296,11 +296,12 @@ pub async fn run(
         );
         servers.push(Server::new(
             "container endpoint",
-            crate::container::serve(
+            crate::container::serve_with_metrics(
                 listener,
                 token,
                 provider.subscribe(),
                 clock.clone(),
+                metrics.clone(),
                 shutdown.clone().wait_owned(),
             ),
         ));

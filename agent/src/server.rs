@@ -1,16 +1,19 @@
 //! HTTP/1.1 over the Unix socket: `/credentials`, `/healthz`, `/metrics`.
 //!
 //! Access is decided per connection: the socket file's mode and group first
-//! (the kernel), then an allow-list of peer uids and gids read with
-//! `SO_PEERCRED`. A refused peer gets 403 to every request and an audit log
-//! line with its uid and pid. Connections are bounded in number, header size,
-//! header read time and lifetime, so one misbehaving client cannot starve the
-//! others.
+//! (the kernel, at `connect`, with every group of the peer), then an
+//! allow-list of peer uids and primary gids read with `SO_PEERCRED` when the
+//! connection is accepted. A refused peer gets a fixed 403, written without
+//! waiting, and its connection is shut at once: it never holds a connection
+//! slot, and the agent never waits for its request head. Its first refusal is logged with its uid, gid and
+//! pid, further ones are summarised (see `limits`). Connections are
+//! bounded in number (in all, and per uid), header size, header read time and
+//! lifetime, so one misbehaving user cannot starve the others.
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Extension, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -20,19 +23,32 @@ use tokio::sync::watch;
 
 use crate::format::credential_process_json;
 pub use crate::limits::ServerLimits;
-use crate::limits::serve_limited;
+use crate::limits::{Admission, Peer, Refusal, Refusals, serve_limited};
 use crate::metrics::Metrics;
 
 /// Who may use the socket beyond what its file mode allows.
+///
+/// Matched against the peer's credentials as `SO_PEERCRED` gives them,
+/// fixed by the kernel when the peer connected: its effective uid and its
+/// **primary** (effective) gid. Supplementary groups are not matched: the
+/// kernel does not hand them over with the connection (`SO_PEERGROUPS` is
+/// not reachable without `unsafe` code), and reading them later from
+/// `/proc/PID/status` would trust a pid that may by then belong to another
+/// process (an attacker connects, passes the socket on and exits; its pid is
+/// reused by a process of an allowed group), besides being hidden from the
+/// agent by the unit's `ProtectProc=invisible`. To admit a group's members
+/// by any of their groups, give the socket that group (`--socket-group`,
+/// `--socket-mode 0660`): the kernel checks every group at `connect`.
 #[derive(Debug, Clone, Default)]
 pub struct AccessPolicy {
     /// Allowed peer uids. Empty lists on both sides: anyone who can open the socket.
     pub uids: Vec<u32>,
-    /// Allowed peer gids.
+    /// Allowed peer primary gids (see the type's docs).
     pub gids: Vec<u32>,
 }
 
 impl AccessPolicy {
+    /// Whether a peer with effective `uid` and primary `gid` may use the socket.
     fn allows(&self, uid: u32, gid: u32) -> bool {
         (self.uids.is_empty() && self.gids.is_empty())
             || self.uids.contains(&uid)
@@ -45,11 +61,6 @@ struct App {
     state: watch::Receiver<ProviderState>,
     metrics: Arc<Metrics>,
     clock: SharedTimeSource,
-}
-
-#[derive(Clone, Copy)]
-struct Peer {
-    allowed: bool,
 }
 
 fn router(app: App) -> Router {
@@ -68,14 +79,8 @@ fn error(status: StatusCode, message: &str) -> Response {
     json(status, serde_json::json!({ "error": message }).to_string())
 }
 
-async fn credentials(State(app): State<App>, Extension(peer): Extension<Peer>) -> Response {
+async fn credentials(State(app): State<App>) -> Response {
     app.metrics.request();
-    if !peer.allowed {
-        return error(
-            StatusCode::FORBIDDEN,
-            "this user may not read the credentials",
-        );
-    }
     let state = app.state.borrow().clone();
     match &state {
         ProviderState::Active { current, .. }
@@ -98,11 +103,8 @@ async fn credentials(State(app): State<App>, Extension(peer): Extension<Peer>) -
     }
 }
 
-async fn healthz(State(app): State<App>, Extension(peer): Extension<Peer>) -> Response {
+async fn healthz(State(app): State<App>) -> Response {
     app.metrics.request();
-    if !peer.allowed {
-        return error(StatusCode::FORBIDDEN, "this user may not use this socket");
-    }
     let state = app.state.borrow().clone();
     let now = app.clock.now();
     let (status, body) = match &state {
@@ -144,11 +146,8 @@ async fn healthz(State(app): State<App>, Extension(peer): Extension<Peer>) -> Re
     json(status, body.to_string())
 }
 
-async fn metrics(State(app): State<App>, Extension(peer): Extension<Peer>) -> Response {
+async fn metrics(State(app): State<App>) -> Response {
     app.metrics.request();
-    if !peer.allowed {
-        return error(StatusCode::FORBIDDEN, "this user may not use this socket");
-    }
     let state = app.state.borrow().clone();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -174,27 +173,25 @@ pub async fn serve(
         metrics: metrics.clone(),
         clock,
     });
-    let service_for = |stream: &UnixStream| {
-        let allowed = match stream.peer_cred() {
-            Ok(cred) => {
-                let allowed = policy.allows(cred.uid(), cred.gid());
-                if !allowed {
-                    metrics.denied();
-                    tracing::warn!(
-                        peer_uid = cred.uid(),
-                        peer_gid = cred.gid(),
-                        peer_pid = cred.pid(),
-                        "refused a socket client that is not on the allow-list"
-                    );
-                }
-                allowed
+    let refusals = Arc::new(Refusals::new("socket", metrics));
+    let admit = |stream: &UnixStream| match stream.peer_cred() {
+        Ok(cred) => {
+            let peer = Peer {
+                uid: Some(cred.uid()),
+                gid: Some(cred.gid()),
+                pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
+                addr: None,
+            };
+            if policy.allows(cred.uid(), cred.gid()) {
+                Admission::Serve(peer, app.clone())
+            } else {
+                Admission::Refuse(peer, Refusal::AllowList)
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read the peer's credentials; refusing");
-                false
-            }
-        };
-        app.clone().layer(Extension(Peer { allowed }))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "could not read the peer's credentials");
+            Admission::Refuse(Peer::default(), Refusal::UnknownPeer)
+        }
     };
-    serve_limited(listener, limits, service_for, shutdown).await;
+    serve_limited(listener, limits, refusals, admit, shutdown).await;
 }
