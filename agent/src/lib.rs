@@ -19,4 +19,5 @@ pub mod run;
 pub mod server;
 pub mod signals;
 pub mod sink;
+pub mod socket_file;
 pub mod trust;
