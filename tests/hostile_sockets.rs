@@ -5,6 +5,7 @@
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -275,4 +276,144 @@ async fn a_stranger_swapping_the_socket_for_a_symlink_changes_no_root_file() {
             "expected the refusal to name {home_name} and why: {refusal}"
         );
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /credentials` on the container endpoint with `token`: the status,
+/// or `None` when nothing listens.
+fn container_get(port: u16, token: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET /credentials HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {token}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).ok()?;
+    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, raw))
+}
+
+/// Row 7: a token file the agent did not make is a token someone else may
+/// know. A symlink to the stranger's file, a file the stranger owns (both in
+/// a sticky shared directory like `/tmp`, where anyone may create files), a
+/// root file every user may read, and a guessable short token: each time the
+/// agent refuses to start, says why and how to fix it, and the stranger,
+/// asking with the token it knows, never gets credentials.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
+async fn a_token_file_a_stranger_planted_or_can_read_stops_the_agent() {
+    let stranger = Stranger::new();
+    let imds = MockImds::builder().role("r").start().await.unwrap();
+    let root = open_root_dir();
+    let home = stranger.home(root.path());
+    let shared = root.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let closed = root.path().join("closed");
+    std::fs::create_dir(&closed).unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let planted = format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    );
+
+    let cases: [(String, PathBuf, String); 4] = [
+        ("a symlink".into(), shared.join("link-token"), {
+            stranger.sh(&format!(
+                "printf %s {planted} > {home}/mine && ln -s {home}/mine {shared}/link-token",
+                home = home.display(),
+                shared = shared.display()
+            ));
+            planted.clone()
+        }),
+        (
+            format!("owned by uid {}", stranger.uid),
+            shared.join("own-token"),
+            {
+                stranger.sh(&format!(
+                    "printf %s {planted} > {}/own-token && chmod 600 {}/own-token",
+                    shared.display(),
+                    shared.display()
+                ));
+                planted.clone()
+            },
+        ),
+        (
+            "lets every user read it".into(),
+            closed.join("readable-token"),
+            {
+                let path = closed.join("readable-token");
+                std::fs::write(&path, format!("{planted}x")).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+                let out = stranger.command("cat").arg(&path).output().unwrap();
+                assert!(out.status.success(), "the stranger reads the 0644 file");
+                String::from_utf8(out.stdout).unwrap()
+            },
+        ),
+        ("fewer than 32".into(), closed.join("short-token"), {
+            let path = closed.join("short-token");
+            std::fs::write(&path, "letmein").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            "letmein".to_owned() // guessed
+        }),
+    ];
+    let mut failures = Vec::new();
+    for (why, token_file, known) in cases {
+        let port = free_port();
+        let mut cmd = crate::util::agent_against(&imds);
+        cmd.arg("--container-endpoint")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--container-token-file")
+            .arg(&token_file);
+        let log = root.path().join("agent.log");
+        let mut running = Running::start_logging_to(cmd, &log);
+        poll_until("the agent to exit or serve the endpoint", || {
+            running.try_status().is_some()
+                || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        // The stranger asks with the token it knows, until credentials are
+        // loaded (200) or nothing listens.
+        let got = as_stranger(stranger, move || {
+            let mut last = None;
+            for _ in 0..2_500 {
+                last = container_get(port, &known);
+                match &last {
+                    Some((200, _)) | None => break,
+                    Some(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+            last
+        })
+        .join()
+        .unwrap();
+        if matches!(&got, Some((200, body)) if body.contains("AccessKeyId")) {
+            failures.push(format!(
+                "{}: the stranger got credentials with the token it planted or read",
+                token_file.display()
+            ));
+        }
+        let status = running.try_status();
+        let logs = std::fs::read_to_string(&log).unwrap();
+        let refused = status.is_some_and(|s| !s.success())
+            && logs.contains(&token_file.display().to_string())
+            && logs.contains(&why)
+            && logs.contains("Fix:");
+        if !refused {
+            failures.push(format!(
+                "{}: expected the agent to refuse to start ({why}) and name the fix; exit {status:?}, logs: {logs}",
+                token_file.display()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }

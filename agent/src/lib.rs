@@ -20,4 +20,5 @@ pub mod server;
 pub mod signals;
 pub mod sink;
 pub mod socket_file;
+pub mod token_file;
 pub mod trust;

@@ -141,7 +141,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let container = match args.container_endpoint {
         Some(addr) => {
-            let token = crate::container::load_or_create_token(&args.container_token_file)?;
+            let token = crate::token_file::load_or_create(&args.container_token_file)?;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the container endpoint {addr}"))?;
