@@ -12,6 +12,7 @@ mod disk_faults;
 mod doctor;
 mod fault_matrix;
 mod hostile;
+mod hostile_files;
 mod hostile_sockets;
 mod macros;
 mod mock_imds;

@@ -115,6 +115,18 @@ fn parse_mode(text: &str) -> Result<u32, String> {
     Ok(mode)
 }
 
+/// Parses `--file-mode`: as [`parse_mode`], and never group-writable (a
+/// member of the group could plant credentials of its own).
+fn parse_file_mode(text: &str) -> Result<u32, String> {
+    let mode = parse_mode(text)?;
+    if mode & 0o020 != 0 {
+        return Err(format!(
+            "{text:?} would let the file's group write the credentials (and plant its own); use 0600 or 0640"
+        ));
+    }
+    Ok(mode)
+}
+
 /// Flags of `imds-agent run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -148,8 +160,9 @@ pub struct RunArgs {
         value_name = "PATH"
     )]
     pub container_token_file: PathBuf,
-    /// Mode of the output files (octal); never readable by others.
-    #[arg(long, env = "IMDS_AGENT_FILE_MODE", default_value = "0600", value_parser = parse_mode)]
+    /// Mode of the output files (octal): 0600, or 0640 with --file-group; never
+    /// readable by others, never writable by the group or others.
+    #[arg(long, env = "IMDS_AGENT_FILE_MODE", default_value = "0600", value_parser = parse_file_mode)]
     pub file_mode: u32,
     /// Owner (numeric uid) given to the output files; needs CAP_CHOWN.
     #[arg(long, env = "IMDS_AGENT_FILE_OWNER", value_name = "UID")]

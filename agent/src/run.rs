@@ -1,5 +1,7 @@
 //! `imds-agent run`: from flags to a running daemon.
 
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,15 +35,82 @@ fn validate_outputs(args: &RunArgs, activated: bool) -> anyhow::Result<()> {
     if let Some(addr) = &args.container_endpoint {
         crate::container::check_loopback(addr)?;
     }
-    if let (Some(a), Some(b)) = (&args.credentials_file, &args.json_file)
-        && a == b
-    {
-        bail!("--credentials-file and --json-file must be different files");
+    if let (Some(a), Some(b)) = (&args.credentials_file, &args.json_file) {
+        let (ra, rb) = (resolve_output(a), resolve_output(b));
+        let same_inode = match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(ma), Ok(mb)) => (ma.dev(), ma.ino()) == (mb.dev(), mb.ino()),
+            _ => false,
+        };
+        if ra == rb || same_inode {
+            bail!(
+                "--credentials-file {} and --json-file {} are the same file ({}): the JSON \
+                 document would replace the credentials file. Give two different files",
+                a.display(),
+                b.display(),
+                ra.display()
+            );
+        }
     }
+    FileOptions {
+        mode: args.file_mode,
+        ..FileOptions::default()
+    }
+    .check()
+    .context("--file-mode")?;
     if args.imds_endpoint.is_some() && args.imds_endpoint_mode.is_some() {
         bail!("give --imds-endpoint or --imds-endpoint-mode, not both");
     }
     Ok(())
+}
+
+/// Where an output path leads, for telling two outputs apart: symlinks
+/// followed (bounded), `..` resolved, and a missing file or directory
+/// resolved as far as it exists, then lexically. Only compared, never opened
+/// for writing: the writes themselves go through [`crate::trust`].
+fn resolve_output(path: &Path) -> std::path::PathBuf {
+    let mut current = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    for _ in 0..40 {
+        if let Ok(real) = std::fs::canonicalize(&current) {
+            return real;
+        }
+        match std::fs::read_link(&current) {
+            Ok(target) => {
+                current = current.parent().unwrap_or(Path::new("/")).join(target);
+            }
+            Err(_) => break,
+        }
+    }
+    // The file does not exist: its directory, as far as that exists.
+    let mut missing = Vec::new();
+    let mut dir = lexical(&current);
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&dir) {
+            return missing.iter().rev().fold(real, |p, n| p.join(n));
+        }
+        match (dir.file_name().map(|n| n.to_owned()), dir.parent()) {
+            (Some(name), Some(parent)) => {
+                missing.push(name);
+                dir = parent.to_owned();
+            }
+            _ => return lexical(&current),
+        }
+    }
+}
+
+/// `path` with `.` and `..` resolved by text.
+fn lexical(path: &Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Builds the IMDS client and the provider from the flags; every failed
@@ -85,7 +154,8 @@ fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(value))
 }
 
-/// The file outputs the flags ask for.
+/// The file outputs the flags ask for, each prepared (its directory checked
+/// if it exists, its own stale temp files from a killed run removed).
 pub fn sinks(args: &RunArgs) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
     let options = FileOptions {
         mode: args.file_mode,
@@ -103,6 +173,10 @@ pub fn sinks(args: &RunArgs) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
     }
     if let Some(path) = &args.json_file {
         sinks.push(Arc::new(JsonFileSink::new(path.clone(), options)?));
+    }
+    let started = SharedTimeSource::default().now();
+    for sink in &sinks {
+        sink.prepare(started)?;
     }
     Ok(sinks)
 }

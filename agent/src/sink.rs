@@ -3,8 +3,13 @@
 //! A sink never calls IMDS: the daemon hands it the credentials to publish, or
 //! tells it to withdraw them when the role is detached. Sinks do blocking file
 //! I/O; the daemon calls them from `spawn_blocking`.
+//!
+//! File sinks reach their files only through checked directory descriptors
+//! ([`crate::trust`]), and a withdrawal removes only the file the sink itself
+//! wrote (see [`Output`]).
 
 use std::fmt;
+use std::time::SystemTime;
 
 use imds_client::RoleCredentials;
 
@@ -12,6 +17,14 @@ use imds_client::RoleCredentials;
 pub trait Sink: Send + Sync + fmt::Debug {
     /// A short name for logs and metrics, for example `credentials-file`.
     fn name(&self) -> &str;
+
+    /// Called once at start, before the first publish: checks what can be
+    /// checked early and removes this sink's own temp files left by an
+    /// earlier run that was killed (last modified before `started`).
+    fn prepare(&self, started: SystemTime) -> anyhow::Result<()> {
+        let _ = started;
+        Ok(())
+    }
 
     /// Makes `current` the published credentials. Called when they change.
     /// On error nothing already published may be damaged.
@@ -26,7 +39,7 @@ mod credentials_file;
 pub mod ini;
 mod json_file;
 
-pub use atomic::{FileOptions, Outcome, update_file};
+pub use atomic::{FileOptions, LOCK_WAIT, Outcome, Output, update_file};
 pub use credentials_file::CredentialsFileSink;
 pub use json_file::JsonFileSink;
 
@@ -62,7 +75,7 @@ mod tests {
             text.starts_with("# mine\n[dev]\naws_access_key_id = DEV\n"),
             "{text}"
         );
-        let ours = ini::section_values(&text, "default").unwrap();
+        let ours = ini::section_values(text.as_ref(), "default").unwrap();
         assert_eq!(
             ours[0],
             ("aws_access_key_id".into(), "ASIAKEY0000000000001".into())
@@ -117,7 +130,8 @@ mod tests {
                     let mut reads = 0;
                     while !done.load(std::sync::atomic::Ordering::Relaxed) {
                         let text = std::fs::read_to_string(&path).unwrap();
-                        let values = ini::section_values(&text, "default").expect("complete file");
+                        let values =
+                            ini::section_values(text.as_ref(), "default").expect("complete file");
                         assert_eq!(values.len(), 3, "{text}");
                         let n = &values[0].1[7..];
                         assert!(
@@ -151,5 +165,24 @@ mod tests {
         assert_eq!(doc["AccessKeyId"], "ASIAKEY0000000000007");
         sink.withdraw().unwrap();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn withdrawal_leaves_a_file_this_sink_did_not_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("creds.json");
+        std::fs::write(&path, "a file from before a restart").unwrap();
+        let sink = JsonFileSink::new(path.clone(), FileOptions::default()).unwrap();
+        sink.withdraw().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "a file from before a restart"
+        );
+        sink.publish(&set(3)).unwrap();
+        // Someone puts another file in its place: it is not ours to delete.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "someone else's").unwrap();
+        sink.withdraw().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "someone else's");
     }
 }

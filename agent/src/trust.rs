@@ -20,8 +20,10 @@
 //!   only when it is owned by a trusted user, and from then on every
 //!   directory it leads through must be owned by a trusted user too (the file
 //!   owner does not count there). At most 40 links are followed. So a link
-//!   planted by someone else is refused, which is stricter than the kernel's
-//!   `fs.protected_symlinks` (root follows a link in a directory it owns).
+//!   planted by someone else is refused wherever it is, which is stricter
+//!   than the kernel's `fs.protected_symlinks` (that guards only sticky,
+//!   world-writable directories, and lets root follow a link in a directory
+//!   the link's owner owns). The agent never resolves links by hand.
 //! - **The directory holding a file** must be owned by root, the agent's
 //!   user or the file owner, and not writable by group or others. A
 //!   group/other-writable directory with the sticky bit (like `/tmp`) is
@@ -35,6 +37,18 @@
 //!   descriptor (same inode as looked at): a regular file, owned by root, the
 //!   agent's user or the file owner, one hard link, at most
 //!   [`MAX_FILE_SIZE`] bytes. Otherwise it is an error, and nothing is read.
+//!
+//! # Using it
+//!
+//! [`open_dir`] (or [`open_dir_if_exists`], [`create_dir_all`]) gives a
+//! [`TrustedDir`]; [`open_parent`] gives the directory and name of a file,
+//! following a trusted symlink at the file's own name. Then, always through
+//! the directory: [`TrustedDir::open_file`] (checked, `None` when absent),
+//! [`TrustedDir::create_new`] (`O_EXCL | O_NOFOLLOW`, exact mode),
+//! [`TrustedDir::open_lock`], [`TrustedDir::rename`],
+//! [`TrustedDir::remove`], [`TrustedDir::sync`]. [`Trust::agent`] accepts
+//! root and the agent's user; [`Trust::with_file_owner`] adds the output
+//! files' owner.
 //!
 //! # Why the file owner may own the directory
 //!
@@ -152,6 +166,7 @@ pub struct TrustedDir {
     fd: OwnedFd,
     path: PathBuf,
     id: FileId,
+    owner: u32,
     shared: bool,
     trust: Trust,
 }
@@ -467,6 +482,7 @@ fn walk_counted(
             fd,
             path: shown,
             id: FileId::of(&stat),
+            owner: stat.st_uid,
             shared,
             trust: *trust,
         },
@@ -573,6 +589,11 @@ impl TrustedDir {
     /// The directory's identity.
     pub fn id(&self) -> FileId {
         self.id
+    }
+
+    /// The directory's owner.
+    pub fn owner(&self) -> u32 {
+        self.owner
     }
 
     /// Group- or other-writable with the sticky bit (like `/tmp`).
@@ -769,9 +790,19 @@ impl TrustedDir {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::{PermissionsExt, symlink};
+
+    /// Held by every test that changes the process-wide umask, so two of
+    /// them never interleave their save and restore.
+    pub(crate) static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// `mkdir` with exactly `mode`, whatever umask another test has set.
+    pub(crate) fn mkdir(path: &Path, mode: u32) {
+        std::fs::create_dir(path).unwrap();
+        chmod(path, mode);
+    }
 
     fn chmod(path: &Path, mode: u32) {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -789,7 +820,7 @@ mod tests {
     fn a_group_or_other_writable_directory_is_refused_unless_sticky() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("out");
-        std::fs::create_dir(&dir).unwrap();
+        mkdir(&dir, 0o755);
         chmod(&dir, 0o775);
         let err = message(open_dir(&dir, &Trust::agent()));
         assert!(
@@ -809,7 +840,7 @@ mod tests {
     fn a_directory_owned_by_another_user_is_refused_unless_it_is_the_file_owner() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("home");
-        std::fs::create_dir(&dir).unwrap();
+        mkdir(&dir, 0o755);
         chown(&dir, 54321);
         let err = message(open_dir(&dir, &Trust::agent()));
         assert!(err.contains("owned by uid 54321"), "{err}");
@@ -819,7 +850,7 @@ mod tests {
     #[test]
     fn a_symlink_to_a_directory_is_followed_when_ours_and_the_real_path_is_reported() {
         let tmp = tempfile::tempdir().unwrap();
-        std::fs::create_dir(tmp.path().join("real")).unwrap();
+        mkdir(&tmp.path().join("real"), 0o755);
         symlink("real", tmp.path().join("link")).unwrap();
         let dir = open_dir(&tmp.path().join("link"), &Trust::agent()).unwrap();
         assert_eq!(dir.path(), tmp.path().join("real"));
@@ -834,7 +865,7 @@ mod tests {
     fn a_symlink_someone_else_owns_is_never_followed() {
         let tmp = tempfile::tempdir().unwrap();
         let victim = tmp.path().join("victim");
-        std::fs::create_dir(&victim).unwrap();
+        mkdir(&victim, 0o755);
         std::fs::write(victim.join("shadow"), "root:hash").unwrap();
         symlink(&victim, tmp.path().join("dirlink")).unwrap();
         chown(&tmp.path().join("dirlink"), 54321);
@@ -855,7 +886,7 @@ mod tests {
     fn a_followed_symlink_may_only_lead_through_directories_root_or_the_agent_owns() {
         let tmp = tempfile::tempdir().unwrap();
         let theirs = tmp.path().join("theirs");
-        std::fs::create_dir(&theirs).unwrap();
+        mkdir(&theirs, 0o755);
         chown(&theirs, 54321);
         symlink("theirs/file", tmp.path().join("link")).unwrap();
         let trust = Trust::agent().with_file_owner(Some(54321));
@@ -944,6 +975,7 @@ mod tests {
                 .is_none()
         );
         assert!(message(open_dir(&path, &Trust::agent())).contains("does not exist"));
+        let _umask = UMASK.lock().unwrap_or_else(|e| e.into_inner());
         let old = rustix::process::umask(Mode::from_raw_mode(0o077));
         let made = create_dir_all(&path, &Trust::agent());
         rustix::process::umask(Mode::from_raw_mode(0o000));
