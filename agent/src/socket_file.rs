@@ -257,6 +257,14 @@ mod tests {
 
     use super::*;
 
+    /// A directory with an exact mode, whatever umask a concurrent test set
+    /// (the trust rules refuse one others could write).
+    fn test_dir(tmp: &tempfile::TempDir) -> PathBuf {
+        let dir = tmp.path().join("d");
+        crate::trust::tests::mkdir(&dir, 0o755);
+        dir
+    }
+
     fn entries(dir: &Path) -> Vec<OsString> {
         let mut names: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
@@ -268,8 +276,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_stale_socket_is_replaced_but_another_file_is_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = test_dir(&tmp);
+        let path = dir.join("agent.sock");
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         assert!(path.exists(), "a stale socket file is left behind");
         let (listener, file) = bind(&path, 0o600, None).unwrap();
@@ -277,24 +286,25 @@ mod tests {
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        assert_eq!(entries(dir.path()), ["agent.sock"], "no private dir left");
+        assert_eq!(entries(&dir), ["agent.sock"], "no private dir left");
         std::os::unix::net::UnixStream::connect(&path).expect("the socket accepts connections");
         drop(listener);
         file.remove();
         assert!(!path.exists(), "our socket is removed");
 
-        let file = dir.path().join("precious");
+        let file = dir.join("precious");
         std::fs::write(&file, "data").unwrap();
         let err = bind(&file, 0o600, None).unwrap_err();
         assert!(err.to_string().contains("not a socket"), "{err}");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "data");
-        assert_eq!(entries(dir.path()), ["precious"], "no private dir left");
+        assert_eq!(entries(&dir), ["precious"], "no private dir left");
     }
 
     #[tokio::test]
     async fn a_file_put_in_place_of_our_socket_is_not_removed_at_exit() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = test_dir(&tmp);
+        let path = dir.join("agent.sock");
         let (_listener, file) = bind(&path, 0o600, None).unwrap();
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, "someone else's").unwrap();

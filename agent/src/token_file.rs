@@ -153,6 +153,14 @@ mod tests {
 
     use super::*;
 
+    /// A directory with an exact mode, whatever umask a concurrent test set
+    /// (the trust rules refuse one others could write).
+    fn test_dir(tmp: &tempfile::TempDir) -> std::path::PathBuf {
+        let dir = tmp.path().join("d");
+        crate::trust::tests::mkdir(&dir, 0o755);
+        dir
+    }
+
     fn write(path: &Path, content: &str, mode: u32) {
         std::fs::write(path, content).unwrap();
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -160,8 +168,9 @@ mod tests {
 
     #[test]
     fn a_missing_token_is_generated_once_and_then_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = test_dir(&tmp);
+        let path = dir.join("token");
         let token = load_or_create(&path).unwrap();
         assert_eq!(token.expose().len(), 64);
         assert!(token.expose().bytes().all(|b| b.is_ascii_hexdigit()));
@@ -172,8 +181,9 @@ mod tests {
 
     #[test]
     fn bad_tokens_are_refused_with_the_reason_and_never_shown() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = test_dir(&tmp);
+        let path = dir.join("token");
         let good = "0123456789abcdef0123456789abcdef";
         for (content, mode, why) in [
             (format!("{good}\n"), 0o600, "ends with a newline"),
@@ -195,10 +205,11 @@ mod tests {
 
     #[test]
     fn a_symlinked_token_file_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let real = dir.path().join("real");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = test_dir(&tmp);
+        let real = dir.join("real");
         write(&real, "0123456789abcdef0123456789abcdef", 0o600);
-        let path = dir.path().join("token");
+        let path = dir.join("token");
         std::os::unix::fs::symlink(&real, &path).unwrap();
         let err = format!("{:#}", load_or_create(&path).unwrap_err());
         assert!(err.contains("a symlink"), "{err}");
