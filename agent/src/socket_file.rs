@@ -301,6 +301,31 @@ mod tests {
     }
 
     #[tokio::test]
+    #[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
+    async fn in_a_shared_sticky_directory_another_users_socket_or_symlink_is_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("shared");
+        crate::trust::tests::mkdir(&dir, 0o1777);
+        let theirs = dir.join("theirs.sock");
+        drop(std::os::unix::net::UnixListener::bind(&theirs).unwrap());
+        std::os::unix::fs::lchown(&theirs, Some(54321), None).unwrap();
+        let err = format!("{:#}", bind(&theirs, 0o600, None).unwrap_err());
+        assert!(err.contains("owned by uid 54321"), "{err}");
+        let link = dir.join("link.sock");
+        std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+        let err = format!("{:#}", bind(&link, 0o600, None).unwrap_err());
+        assert!(err.contains("not a socket"), "{err}");
+        assert_eq!(
+            entries(&dir),
+            ["link.sock", "theirs.sock"],
+            "both left as they were"
+        );
+        // Our own socket is fine there.
+        let (_listener, file) = bind(&dir.join("ours.sock"), 0o600, None).unwrap();
+        file.remove();
+    }
+
+    #[tokio::test]
     async fn a_file_put_in_place_of_our_socket_is_not_removed_at_exit() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = test_dir(&tmp);
