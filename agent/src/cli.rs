@@ -153,6 +153,8 @@ pub struct RunArgs {
     pub container_endpoint: Option<SocketAddr>,
     /// The container endpoint's token: read from this file, or generated
     /// (32 random bytes, hex, mode 0640, no trailing newline) when it does not exist.
+    /// An existing file must be root's or the agent's, closed to other users,
+    /// and hold 32 to 4096 visible ASCII characters with no trailing newline.
     #[arg(
         long,
         env = "IMDS_AGENT_CONTAINER_TOKEN_FILE",
