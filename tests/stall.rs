@@ -36,7 +36,10 @@ async fn a_held_lock_stalls_no_signal_no_poll_and_no_client() {
         .read(true)
         .open(dir.path().join(".credentials.lock"))
         .expect("the agent's lock file beside the output");
-    flock(&lock, FlockOperation::NonBlockingLockExclusive).unwrap();
+    // (The agent takes it briefly on each write: wait for a moment it is free.)
+    wait_for("the lock to be free for a moment", || {
+        flock(&lock, FlockOperation::NonBlockingLockExclusive).is_ok()
+    });
 
     // A rotation: the file cannot follow, the socket does.
     imds.rotate();

@@ -14,6 +14,7 @@ mod fault_matrix;
 mod hostile;
 mod hostile_files;
 mod hostile_flood;
+mod hostile_sockets;
 mod macros;
 mod mock_imds;
 mod notify;

@@ -153,6 +153,8 @@ pub struct RunArgs {
     pub container_endpoint: Option<SocketAddr>,
     /// The container endpoint's token: read from this file, or generated
     /// (32 random bytes, hex, mode 0640, no trailing newline) when it does not exist.
+    /// An existing file must be root's or the agent's, closed to other users,
+    /// and hold 32 to 4096 visible ASCII characters with no trailing newline.
     #[arg(
         long,
         env = "IMDS_AGENT_CONTAINER_TOKEN_FILE",
@@ -270,6 +272,14 @@ pub struct DoctorArgs {
     /// The socket to check.
     #[arg(long, env = "IMDS_AGENT_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// The container endpoint's token file to check.
+    #[arg(long, env = "IMDS_AGENT_CONTAINER_TOKEN_FILE", value_name = "PATH")]
+    pub container_token_file: Option<PathBuf>,
+    /// The uid the agent runs as, whose directories and files are trusted
+    /// like root's (default: the uid running doctor). For the packaged unit:
+    /// --agent-uid "$(id -u imds-agent)".
+    #[arg(long, value_name = "UID")]
+    pub agent_uid: Option<u32>,
     /// The uid that stands for "another user" when checking who can reach IMDS.
     #[arg(long, default_value_t = 65534, value_name = "UID")]
     pub probe_uid: u32,

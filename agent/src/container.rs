@@ -19,11 +19,9 @@
 //! sparingly.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use axum::Router;
 use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -44,39 +42,6 @@ pub fn check_loopback(addr: &SocketAddr) -> anyhow::Result<()> {
         bail!("--container-endpoint must be a loopback address such as 127.0.0.1:8901, not {addr}");
     }
     Ok(())
-}
-
-/// Reads the token from `path`, or, when the file does not exist, generates
-/// 32 random bytes (64 hex characters) and writes them there (mode 0640, no
-/// trailing newline, which SDKs would send and then fail to match).
-pub fn load_or_create_token(path: &Path) -> anyhow::Result<SecretString> {
-    match std::fs::read_to_string(path) {
-        Ok(token) => {
-            if token.is_empty() || token.ends_with('\n') || token.ends_with('\r') {
-                bail!(
-                    "the container token file {} is empty or ends with a newline; AWS SDKs send the file's exact content",
-                    path.display()
-                );
-            }
-            Ok(SecretString::new(token))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let bytes: [u8; 32] = rand::random();
-            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o640)
-                .open(path)
-                .with_context(|| format!("creating the container token file {}", path.display()))?;
-            std::io::Write::write_all(&mut file, token.as_bytes())
-                .with_context(|| format!("writing {}", path.display()))?;
-            Ok(SecretString::new(token))
-        }
-        Err(e) => {
-            Err(e).with_context(|| format!("reading the container token file {}", path.display()))
-        }
-    }
 }
 
 #[derive(Clone)]

@@ -1,14 +1,69 @@
 //! `imds-agent demo`: the emulator and the agent in one process.
+//!
+//! The README's first command, and often run as root: its directory must not
+//! be one another user prepared. So the default is a fresh directory with
+//! `mkdtemp` semantics (new, mode 0700, an unpredictable name, never reused)
+//! in a temp dir that passes the trust rules of [`crate::trust`]; a `--dir`
+//! is created the same way (one level, mode 0700) or, when it exists, must
+//! pass those rules.
 
-use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use imds_client::mock::MockImds;
+use rustix::fs::Mode;
+use rustix::io::Errno;
 
 use crate::cli::{DemoArgs, RunArgs};
 use crate::signals::Reloads;
+use crate::trust::{self, Trust};
+
+/// The directory for the demo's outputs: `given` (see the module docs) or a
+/// fresh one under the temp dir. It is kept after the demo stops.
+pub fn demo_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let trust = Trust::agent();
+    let Some(dir) = given else {
+        let tmp = std::env::temp_dir();
+        trust::open_dir(&tmp, &trust)
+            .with_context(|| format!("the temp dir {} (from TMPDIR)", tmp.display()))?;
+        let dir = tempfile::Builder::new()
+            .prefix("imds-agent-demo-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(&tmp)
+            .with_context(|| format!("creating a demo directory in {}", tmp.display()))?
+            .keep();
+        trust::open_dir(&dir, &trust)?;
+        return Ok(dir);
+    };
+    if trust::open_dir_if_exists(dir, &trust)?.is_some() {
+        return Ok(dir.to_owned());
+    }
+    let Some(name) = dir.file_name() else {
+        bail!("--dir {}: give a directory name", dir.display());
+    };
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let parent = trust::open_dir(parent, &trust).with_context(|| {
+        format!(
+            "--dir {}: the demo creates only the last directory, in a directory that exists and only root and you can write",
+            dir.display()
+        )
+    })?;
+    match rustix::fs::mkdirat(parent.as_fd(), name, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("creating the demo directory {}", dir.display()));
+        }
+    }
+    // Whatever is there now (ours, or one that appeared meanwhile) must pass.
+    trust::open_dir(dir, &trust)?;
+    Ok(dir.to_owned())
+}
 
 /// Runs the demo until `shutdown` (Ctrl-C/SIGTERM) or `--duration`.
 pub async fn run(
@@ -16,14 +71,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     reloads: Reloads,
 ) -> anyhow::Result<()> {
-    let dir = args.dir.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("imds-agent-demo-{}", std::process::id()))
-    });
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("creating the demo directory {}", dir.display()))?;
+    let dir = demo_dir(args.dir.as_deref())?;
     let imds = MockImds::builder()
         .role("demo-role")
         .start()

@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::cli::DoctorArgs;
+use crate::trust::{self, Trust};
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +107,101 @@ pub async fn run_checks(args: &DoctorArgs) -> Vec<Finding> {
             findings.push(output_access(label, path));
         }
     }
+    let trust = Trust::agent().with_file_owner(args.agent_uid);
+    for (label, path) in [
+        ("credentials file", &args.credentials_file),
+        ("JSON file", &args.json_file),
+        ("socket", &args.socket),
+    ] {
+        if let Some(path) = path {
+            findings.push(output_dir(label, path, &trust));
+        }
+    }
+    if let Some(path) = &args.container_token_file {
+        findings.push(token_file(path, &trust));
+    }
     findings
+}
+
+/// A refusal from [`crate::trust`] or [`crate::token_file`] as a finding:
+/// `context` and the message, with its "Fix: ..." as the fix.
+fn refusal(context: &str, error: &anyhow::Error) -> Finding {
+    let message = format!("{context}{error:#}");
+    match message.split_once(" Fix: ") {
+        Some((what, fix)) => finding(
+            Verdict::Fail,
+            what.trim_end_matches('.'),
+            Some(fix.trim_end_matches('.')),
+        ),
+        None => finding(Verdict::Fail, message, None),
+    }
+}
+
+/// Could another user write the directory an output lives in? The agent's
+/// rule ([`crate::trust`]): it must be root's or the agent's and not writable
+/// by group or others, unless sticky like `/tmp`.
+fn output_dir(label: &str, path: &Path, trust: &Trust) -> Finding {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match trust::open_dir_if_exists(parent, trust) {
+        Ok(Some(dir)) if dir.is_shared() => finding(
+            Verdict::Warn,
+            format!(
+                "the {label}'s directory {}: every user may create files in it (sticky, like /tmp); \
+                 the agent refuses files they plant there, but they can take the name first",
+                dir.path().display()
+            ),
+            Some(OUTPUT_DIR_FIX),
+        ),
+        Ok(Some(dir)) => finding(
+            Verdict::Ok,
+            format!(
+                "the {label}'s directory {}: only root and the agent's user can write it",
+                dir.path().display()
+            ),
+            None,
+        ),
+        Ok(None) => finding(
+            Verdict::Warn,
+            format!(
+                "the {label}'s directory {} does not exist",
+                parent.display()
+            ),
+            Some("create it, owned by root or the agent's user and not writable by others"),
+        ),
+        Err(e) => refusal(&format!("{label}: "), &e),
+    }
+}
+
+const OUTPUT_DIR_FIX: &str =
+    "keep outputs in a directory only root and the agent can write, e.g. /var/lib/imds-agent";
+
+/// Is the container token file the agent's own, closed to others, and a
+/// token too long to guess? (The rules the agent applies at start.)
+fn token_file(path: &Path, trust: &Trust) -> Finding {
+    match crate::token_file::read(path, trust) {
+        Ok(Some(file)) => finding(
+            Verdict::Ok,
+            format!(
+                "container token file {}: mode {:04o}, owner {}, closed to other users",
+                path.display(),
+                file.mode,
+                file.uid
+            ),
+            None,
+        ),
+        Ok(None) => finding(
+            Verdict::Ok,
+            format!(
+                "container token file {} does not exist yet: the agent writes a random token (mode 0640) at start",
+                path.display()
+            ),
+            None,
+        ),
+        Err(e) => refusal("", &e),
+    }
 }
 
 /// Does a metadata GET without a token get 401? (IMDSv2 required.)

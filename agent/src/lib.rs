@@ -21,4 +21,6 @@ pub mod server;
 pub mod shutdown;
 pub mod signals;
 pub mod sink;
+pub mod socket_file;
+pub mod token_file;
 pub mod trust;

@@ -1,6 +1,6 @@
 //! `imds-agent run`: from flags to a running daemon.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -185,41 +185,6 @@ pub fn sinks(args: &RunArgs) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
     Ok(sinks)
 }
 
-/// Binds the socket: a stale socket file is replaced, anything else at the
-/// path is an error; the mode and group are set before anyone can connect.
-pub fn bind_socket(path: &Path, mode: u32, group: Option<u32>) -> anyhow::Result<UnixListener> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing the stale socket {}", path.display()))?;
-        }
-        Ok(_) => bail!(
-            "{} exists and is not a socket; refusing to replace it",
-            path.display()
-        ),
-        Err(_) => {}
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.exists()
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("binding the socket {}", path.display()))?;
-    if group.is_some() {
-        std::os::unix::fs::chown(path, None, group)
-            .with_context(|| format!("setting the group of {}", path.display()))?;
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("setting the mode of {}", path.display()))?;
-    Ok(listener)
-}
-
 /// What `main` hands the agent from the process's start: the socket systemd
 /// passed (socket activation) and systemd's notify socket.
 #[derive(Debug)]
@@ -248,7 +213,7 @@ pub async fn run(
     let provider = provider(&args, metrics.clone())?;
     let sinks = sinks(&args)?;
     let clock = SharedTimeSource::default();
-    let owns_socket_file = activated.is_none();
+    let mut socket_file = None;
     let listener = match (activated, &args.socket) {
         (Some(inherited), _) => {
             inherited
@@ -260,7 +225,12 @@ pub async fn run(
                     .context("adopting the socket passed by systemd")?,
             )
         }
-        (None, Some(path)) => Some(bind_socket(path, args.socket_mode, args.socket_group)?),
+        (None, Some(path)) => {
+            let (listener, file) =
+                crate::socket_file::bind(path, args.socket_mode, args.socket_group)?;
+            socket_file = Some(file);
+            Some(listener)
+        }
         (None, None) => None,
     };
     let mut servers = Vec::new();
@@ -283,7 +253,7 @@ pub async fn run(
         }));
     }
     if let Some(addr) = args.container_endpoint {
-        let token = crate::container::load_or_create_token(&args.container_token_file)?;
+        let token = crate::token_file::load_or_create(&args.container_token_file)?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the container endpoint {addr}"))?;
@@ -326,33 +296,8 @@ pub async fn run(
         metrics,
     };
     let result = run_daemon(daemon, shutdown).await;
-    if let Some(path) = args.socket.as_ref().filter(|_| owns_socket_file) {
-        let _ = std::fs::remove_file(path);
+    if let Some(file) = socket_file {
+        file.remove();
     }
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_stale_socket_is_replaced_but_another_file_is_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
-        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-        assert!(path.exists(), "a stale socket file is left behind");
-        let listener = bind_socket(&path, 0o600, None).unwrap();
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        drop(listener);
-
-        let file = dir.path().join("precious");
-        std::fs::write(&file, "data").unwrap();
-        let err = bind_socket(&file, 0o600, None).unwrap_err();
-        assert!(err.to_string().contains("not a socket"), "{err}");
-        assert_eq!(std::fs::read_to_string(&file).unwrap(), "data");
-    }
 }
