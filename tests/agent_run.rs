@@ -78,6 +78,11 @@ async fn outputs_follow_attach_replace_and_detach() {
         0o600,
         std::fs::metadata(&creds_file).unwrap().permissions().mode() & 0o777
     );
+    // Each output has its own writer: the JSON file may land a moment later.
+    wait_for("the attached role's credentials in the JSON file", || {
+        std::fs::read_to_string(setup.path("credentials.json"))
+            .is_ok_and(|t| t.contains(first.access_key_id()))
+    });
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(setup.path("credentials.json")).unwrap())
             .unwrap();

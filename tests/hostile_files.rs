@@ -1,7 +1,9 @@
 //! A local user turns the agent's file outputs against the host (issue 11,
-//! rows 1, 2, 6, 9 and 11): symlinks to root's files, a file held open for
-//! `--in-place`, a lock held for ever, a FIFO or `/dev/zero` at an output
-//! path, look-alike temp files, and settings that make one file two outputs.
+//! rows 1, 2, 6, 9, 10 and 11): symlinks to root's files, a file held open
+//! for `--in-place`, a lock held for ever, a FIFO or `/dev/zero` at an
+//! output path, look-alike temp files, a credentials file with a BOM, CR
+//! line endings, stray bytes or a hidden header, and settings that make one
+//! file two outputs.
 //!
 //! Each test runs the real binary as root against the emulator, with a
 //! throwaway unprivileged user (`util::Stranger`) doing what the row says,
@@ -587,4 +589,123 @@ fn a_group_or_other_writable_file_mode_is_refused() {
         );
         assert!(!file.exists());
     }
+}
+
+/// Row 10: the app user's own credentials file (`--file-owner`) holds what
+/// other tools write: a BOM, CR-only line endings, non-UTF-8 bytes, or an
+/// indented `[default]` that the SDKs read as part of a value. The first
+/// three are kept byte for byte around our one `[default]`; the last is
+/// refused with an error naming the line, the file left as it was, and once
+/// the user fixes it the next write goes through (a refusal never blocks
+/// later writes).
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
+async fn what_other_tools_write_in_a_credentials_file_is_kept_or_refused_never_hidden() {
+    let stranger = Stranger::new();
+    let host = Host::new();
+    let home = stranger.home(&host.path("out"));
+    let imds = MockImds::builder().role("r").start().await.unwrap();
+    let owner = stranger.uid.to_string();
+    // (case, what the user wrote (printf format), the bytes kept around ours)
+    let kept: [(&str, &str, &[u8]); 3] = [
+        (
+            "bom",
+            r"\357\273\277[default]\naws_access_key_id = OLD\n[dev]\naws_access_key_id = DEV\n",
+            b"[dev]\naws_access_key_id = DEV\n",
+        ),
+        (
+            "cr-only",
+            r"[dev]\raws_access_key_id = DEV\r[default]\raws_access_key_id = OLD\r",
+            b"[dev]\raws_access_key_id = DEV\r",
+        ),
+        (
+            "non-utf8",
+            r"[dev]\naws_access_key_id = D\377EV\n[default]\naws_access_key_id = OLD\n",
+            b"[dev]\naws_access_key_id = D\xffEV\n",
+        ),
+    ];
+    for (case, written, around) in kept {
+        let file = home.join(case);
+        stranger.sh(&format!("printf '{written}' > {}", file.display()));
+        let agent = Agent::start(
+            &imds,
+            &host,
+            &[&"--credentials-file", &file, &"--file-owner", &owner],
+        );
+        let key = imds
+            .current_credentials()
+            .unwrap()
+            .access_key_id()
+            .to_owned();
+        wait_for(&format!("{case}: our credentials written"), || {
+            std::fs::read(&file).is_ok_and(|b| contains(&b, key.as_bytes()))
+        });
+        let bytes = std::fs::read(&file).unwrap();
+        let shown = String::from_utf8_lossy(&bytes);
+        assert!(
+            contains(&bytes, around),
+            "{case}: expected the user's other profile kept byte for byte, got {shown:?}"
+        );
+        assert!(
+            !contains(&bytes, b"OLD"),
+            "{case}: expected the old [default] replaced, got {shown:?}"
+        );
+        eqnice!(1, count(&bytes, b"[default]"));
+        if case == "bom" {
+            assert!(bytes.starts_with("\u{feff}".as_bytes()), "{shown:?}");
+        }
+        if case == "cr-only" {
+            assert!(!bytes.contains(&b'\n'), "{case}: a LF added: {shown:?}");
+        }
+        // A rotation is written over our own output: never refused.
+        imds.rotate();
+        let rotated = imds.current_credentials().unwrap();
+        agent.running.signal(Signal::HUP);
+        wait_for(&format!("{case}: the rotation written"), || {
+            std::fs::read(&file).is_ok_and(|b| {
+                contains(&b, rotated.access_key_id().as_bytes()) && count(&b, b"[default]") == 1
+            })
+        });
+        agent.stop();
+    }
+
+    // An indented `[default]` under an option: refused, file untouched.
+    let file = home.join("indented");
+    stranger.sh(&format!(
+        r"printf '[dev]\naws_access_key_id = DEV\n    [default]\n' > {}",
+        file.display()
+    ));
+    let before = std::fs::read(&file).unwrap();
+    let agent = Agent::start(
+        &imds,
+        &host,
+        &[&"--credentials-file", &file, &"--file-owner", &owner],
+    );
+    agent.expect_refusal("line 3");
+    eqnice!(before, std::fs::read(&file).unwrap());
+    // The user removes the line; the agent's retry goes through.
+    stranger.sh(&format!(
+        r"printf '[dev]\naws_access_key_id = DEV\n' > {}",
+        file.display()
+    ));
+    let key = imds
+        .current_credentials()
+        .unwrap()
+        .access_key_id()
+        .to_owned();
+    wait_for("the write after the fix", || {
+        std::fs::read(&file).is_ok_and(|b| contains(&b, key.as_bytes()))
+    });
+    agent.stop();
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    count(haystack, needle) > 0
+}
+
+fn count(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack
+        .windows(needle.len())
+        .filter(|w| *w == needle)
+        .count()
 }
