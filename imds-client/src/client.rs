@@ -113,14 +113,19 @@ impl ImdsClientBuilder {
         self
     }
 
-    /// Connect timeout. Default: [`DEFAULT_CONNECT_TIMEOUT`] (or `AWS_METADATA_SERVICE_TIMEOUT`).
+    /// How long the TCP handshake may take, 1 ms to 3600 s. A handshake that
+    /// does not complete in time is [`ErrorKind::Unreachable`] (not on EC2).
+    /// Default: [`DEFAULT_CONNECT_TIMEOUT`] (or `AWS_METADATA_SERVICE_TIMEOUT`).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = Some(timeout);
         self
     }
 
-    /// Timeout of one request after connecting. Default: [`DEFAULT_READ_TIMEOUT`]
-    /// (or `AWS_METADATA_SERVICE_TIMEOUT`).
+    /// How long the answer to one request may take once connected, 1 ms to
+    /// 3600 s (the whole request is bounded by connect plus read timeout).
+    /// A token request that connects but gets no answer in time is
+    /// [`ErrorKind::TokenTimeout`] (the hop-limit symptom). Default:
+    /// [`DEFAULT_READ_TIMEOUT`] (or `AWS_METADATA_SERVICE_TIMEOUT`).
     pub fn read_timeout(mut self, timeout: Duration) -> Self {
         self.read_timeout = Some(timeout);
         self
@@ -267,6 +272,9 @@ impl ImdsClientBuilder {
             .unwrap_or(DEFAULT_READ_TIMEOUT);
         let http = reqwest::Client::builder()
             .no_proxy()
+            // IMDS never redirects; following one would send the session
+            // token to whatever host the Location names.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(connect_timeout)
             .user_agent(concat!("imds-client/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(4)
@@ -282,7 +290,7 @@ impl ImdsClientBuilder {
             inner: Arc::new(Inner {
                 http,
                 endpoint: endpoint.trim_end_matches('/').to_owned(),
-                read_timeout,
+                request_timeout: connect_timeout.saturating_add(read_timeout),
                 retry: RetryPolicy {
                     max_attempts,
                     base_delay: Duration::from_millis(100),
@@ -320,7 +328,12 @@ const PATH_CLASSIC: u8 = 2;
 struct Inner {
     http: reqwest::Client,
     endpoint: String,
-    read_timeout: Duration,
+    /// Connect timeout plus read timeout: reqwest's per-request timeout runs
+    /// from the start of connecting, so it must outlast the connect timeout
+    /// for a handshake that never completes to be reported as what it is
+    /// (`Unreachable`, from the connect timeout) rather than as a request
+    /// that connected and got no answer (`Timeout`, `TokenTimeout`).
+    request_timeout: Duration,
     retry: RetryPolicy,
     token_ttl: Duration,
     v1_fallback: bool,
@@ -427,8 +440,9 @@ impl ImdsClient {
     }
 
     /// The credentials of `role`. Tries the extended path (which adds the
-    /// account id) first; on 404 the classic one, remembering which this
-    /// instance serves.
+    /// account id) first; on 404, or when the first answer there is any
+    /// other error status but 401 and 429 (moto answers 500), the classic
+    /// one, remembering which this endpoint serves.
     pub async fn role_credentials(&self, role: &str) -> Result<Credentials, Error> {
         self.fetch_credentials(role).await.map(|f| f.credentials)
     }
@@ -439,7 +453,8 @@ impl ImdsClient {
         }
         let inner = &self.inner;
         let mut answer = None;
-        if inner.credentials_path.load(Ordering::Relaxed) != PATH_CLASSIC {
+        let path = inner.credentials_path.load(Ordering::Relaxed);
+        if path != PATH_CLASSIC {
             match self.fetch(&format!("{EXTENDED_PATH}{role}")).await {
                 Ok(a) => {
                     inner
@@ -447,7 +462,17 @@ impl ImdsClient {
                         .store(PATH_EXTENDED, Ordering::Relaxed);
                     answer = Some(a);
                 }
+                // 404: the classic path is served instead (or the role is
+                // gone; the classic path says which).
                 Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {}
+                // The first time, any other answer *to this path* (moto's
+                // 500 for paths it does not know, a 400, 403, 405) also
+                // means "try the classic one"; a timeout, 401 or 429 says
+                // nothing about the path, and a transport failure or a
+                // redirect would fail there too.
+                Err(e) if path == PATH_UNKNOWN && extended_path_refused(&e) => {
+                    tracing::debug!(error = %e, "the extended credentials path failed; using the classic one");
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -544,6 +569,7 @@ impl ImdsClient {
                 path: path.to_owned(),
             })),
             429 => Err(Error::new(ErrorKind::Throttled)),
+            300..=399 => Err(redirected(&response)),
             s @ 500..=599 => Err(Error::new(ErrorKind::ServerError { status: s })),
             s => Err(Error::new(ErrorKind::UnexpectedStatus { status: s })),
         }
@@ -583,6 +609,7 @@ impl ImdsClient {
                 );
                 Ok(None)
             }
+            300..=399 => Err(redirected(&response)),
             400 => Err(Error::new(ErrorKind::UnexpectedStatus { status: 400 })),
             s @ (403..=405) => Err(Error::new(ErrorKind::TokenRejected { status: s })),
             429 => Err(Error::new(ErrorKind::Throttled)),
@@ -602,7 +629,7 @@ impl ImdsClient {
         let mut request = inner
             .http
             .request(method, format!("{}{path}", inner.endpoint))
-            .timeout(inner.read_timeout);
+            .timeout(inner.request_timeout);
         if let Some(token) = token {
             let mut value =
                 reqwest::header::HeaderValue::from_str(token.expose()).map_err(|_| {
@@ -618,6 +645,29 @@ impl ImdsClient {
         }
         request.send().await.map_err(classify_transport)
     }
+}
+
+/// Whether the first answer to the extended credentials path means this
+/// endpoint does not serve it, so the classic path is used from then on.
+fn extended_path_refused(error: &Error) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::ServerError { .. } | ErrorKind::UnexpectedStatus { .. }
+    )
+}
+
+/// The error for a 3xx answer: its status and (the start of) its `Location`.
+fn redirected(response: &reqwest::Response) -> Error {
+    let location = response.headers().get(reqwest::header::LOCATION).map(|v| {
+        String::from_utf8_lossy(v.as_bytes())
+            .chars()
+            .take(256)
+            .collect()
+    });
+    Error::new(ErrorKind::Redirected {
+        status: response.status().as_u16(),
+        location,
+    })
 }
 
 fn classify_transport(error: reqwest::Error) -> Error {

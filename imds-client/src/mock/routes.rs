@@ -55,7 +55,9 @@ async fn imds(State(app): State<App>, method: Method, uri: Uri, headers: HeaderM
     app.shared.count(method.as_str(), &path);
     let kind = if is_token_path(&path) {
         RequestKind::Token
-    } else if path.starts_with(CREDENTIALS_PREFIX) || path.starts_with(EXTENDED_PREFIX) {
+    } else if path.starts_with(EXTENDED_PREFIX) {
+        RequestKind::ExtendedCredentials
+    } else if path.starts_with(CREDENTIALS_PREFIX) {
         RequestKind::Credentials
     } else {
         RequestKind::Metadata
@@ -65,9 +67,24 @@ async fn imds(State(app): State<App>, method: Method, uri: Uri, headers: HeaderM
         tokio::time::sleep(Duration::from_millis(*millis)).await;
     }
     let mut response = match fault {
-        Some(Fault::Status { status }) => StatusCode::from_u16(status)
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-            .into_response(),
+        Some(Fault::Status { status } | Fault::ExtendedPathStatus { status }) => {
+            StatusCode::from_u16(status)
+                .ok()
+                .filter(|s| (200..=599).contains(&s.as_u16()))
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+                .into_response()
+        }
+        Some(Fault::Redirect { status, location }) => {
+            let status = StatusCode::from_u16(status)
+                .ok()
+                .filter(StatusCode::is_redirection)
+                .unwrap_or(StatusCode::TEMPORARY_REDIRECT);
+            let mut response = status.into_response();
+            if let Ok(location) = HeaderValue::from_str(&location) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            response
+        }
         Some(Fault::Drop) => dropped_connection(),
         Some(Fault::TokenRejected) => StatusCode::UNAUTHORIZED.into_response(),
         Some(Fault::TokenBlackhole) => {
