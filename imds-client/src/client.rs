@@ -303,6 +303,8 @@ impl ImdsClientBuilder {
                 unreachable_memo: self.unreachable_memo.unwrap_or(UNREACHABLE_MEMO),
                 unreachable_until: Mutex::new(None),
                 credentials_path: AtomicU8::new(PATH_UNKNOWN),
+                #[cfg(test)]
+                requested_sleeps: Mutex::default(),
             }),
         })
     }
@@ -344,6 +346,9 @@ struct Inner {
     /// Until when, and which failure (`Unreachable` or `TokenTimeout`).
     unreachable_until: Mutex<Option<(Instant, ErrorKind)>>,
     credentials_path: AtomicU8,
+    /// Every retry delay the backoff handed out, for tests of the jitter.
+    #[cfg(test)]
+    requested_sleeps: Mutex<Vec<Duration>>,
 }
 
 /// A response body and the server's `Date`.
@@ -525,6 +530,12 @@ impl ImdsClient {
                 _ => delay,
             })
             .notify(|error: &Error, delay| {
+                #[cfg(test)]
+                inner
+                    .requested_sleeps
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(delay);
                 tracing::debug!(%path, error = %error, ?delay, "retrying IMDS request");
             })
             .await;
@@ -717,5 +728,77 @@ impl CredentialsSource for ImdsClient {
         role: &'a str,
     ) -> BoxFuture<'a, Result<FetchedCredentials, Error>> {
         Box::pin(self.fetch_credentials(role))
+    }
+}
+
+#[cfg(all(test, feature = "mock"))]
+mod tests {
+    use super::*;
+    use crate::config::Env;
+    use crate::mock::{Fault, FaultDuration, MockImds};
+
+    /// Set in a child process: print the requested sleeps and stop.
+    const CHILD: &str = "IMDS_CLIENT_TEST_PRINT_SLEEPS";
+
+    /// The retry delays a new client asks for while IMDS answers 503 to
+    /// everything (four attempts: three delays).
+    async fn requested_sleeps() -> Vec<Duration> {
+        let imds = MockImds::builder().start().await.unwrap();
+        imds.inject(Fault::Status { status: 503 }, FaultDuration::Forever);
+        let client = ImdsClient::builder()
+            .env(Env::empty())
+            .endpoint(imds.endpoint())
+            .unwrap()
+            .build()
+            .unwrap();
+        let err = client.instance_id().await.unwrap_err();
+        assert_eq!(err.kind(), &ErrorKind::ServerError { status: 503 });
+        let sleeps = client.inner.requested_sleeps.lock().unwrap().clone();
+        assert_eq!(sleeps.len(), 3, "{sleeps:?}");
+        sleeps
+    }
+
+    #[tokio::test]
+    async fn two_clients_retry_on_different_schedules() {
+        let (a, b) = tokio::join!(requested_sleeps(), requested_sleeps());
+        assert_ne!(a, b, "two clients slept the same jittered delays");
+    }
+
+    #[test]
+    fn each_process_retries_on_its_own_schedule() {
+        let sleeps = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(requested_sleeps())
+        };
+        if std::env::var_os(CHILD).is_some() {
+            println!("sleeps: {:?}", sleeps());
+            return;
+        }
+        let child = || {
+            let output = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "client::tests::each_process_retries_on_its_own_schedule",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            assert!(output.status.success(), "child failed: {stdout}");
+            stdout
+                .lines()
+                .find_map(|l| l.split_once("sleeps: ").map(|(_, s)| s.to_owned()))
+                .unwrap_or_else(|| panic!("no schedule in the child's output: {stdout}"))
+        };
+        let (first, second) = (child(), child());
+        assert_ne!(
+            first, second,
+            "two processes slept the same jittered delays: jitter is not seeded per process"
+        );
     }
 }
