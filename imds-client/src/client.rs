@@ -16,7 +16,11 @@ use backon::{ExponentialBuilder, Retryable};
 use reqwest::{Method, StatusCode};
 use tokio::time::Instant;
 
-use crate::config::{EndpointMode, Env, ProfileKeys, invalid, parse_bool};
+use crate::config::{
+    ATTEMPTS_RANGE, EndpointMode, Env, ProfileKeys, TIMEOUT_RANGE, TOKEN_TTL_RANGE,
+    UNREACHABLE_MEMO_RANGE, check_count, check_duration, invalid, is_iam_role_name, parse_bool,
+    parse_count, parse_seconds,
+};
 use crate::credentials::Credentials;
 use crate::error::{Error, ErrorKind};
 use crate::provider::{BoxFuture, CredentialsSource, FetchedCredentials};
@@ -131,7 +135,7 @@ impl ImdsClientBuilder {
         self
     }
 
-    /// Attempts per request, the first included (at least 1). Default:
+    /// Attempts per request, the first included: 1 to 20. Default:
     /// [`DEFAULT_MAX_ATTEMPTS`] (or `AWS_METADATA_SERVICE_NUM_ATTEMPTS`).
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = Some(attempts);
@@ -152,8 +156,9 @@ impl ImdsClientBuilder {
         self
     }
 
-    /// Use this role name instead of discovering it. Default: discover
-    /// (or `AWS_EC2_INSTANCE_PROFILE_NAME`).
+    /// Use this role name instead of discovering it: 1 to 64 of the
+    /// characters IAM allows (`A-Z a-z 0-9 + = , . @ _ -`); empty means
+    /// discover. Default: discover (or `AWS_EC2_INSTANCE_PROFILE_NAME`).
     pub fn profile_name(mut self, name: impl Into<String>) -> Self {
         self.profile_name = Some(name.into());
         self
@@ -162,7 +167,7 @@ impl ImdsClientBuilder {
     /// How long an endpoint that did not answer (nothing listening, or a
     /// token request never answered) is remembered: calls within that time
     /// fail at once with the same error instead of waiting for a timeout
-    /// again. Default: [`UNREACHABLE_MEMO`]; `Duration::ZERO` turns it off
+    /// again. 0 to 3600 s. Default: [`UNREACHABLE_MEMO`]; `Duration::ZERO` turns it off
     /// (for a caller with its own schedule, like the agent's poll).
     pub fn unreachable_memo(mut self, memo: Duration) -> Self {
         self.unreachable_memo = Some(memo);
@@ -175,18 +180,24 @@ impl ImdsClientBuilder {
         self
     }
 
-    /// Resolves every setting and builds the client. No I/O happens here.
+    /// Resolves every setting and builds the client. No I/O happens here
+    /// but reading the shared config file. Every value is checked against
+    /// its accepted range (see [`crate::config`]): a value out of range is
+    /// [`ErrorKind::InvalidConfiguration`] naming the setting and the range.
     pub fn build(self) -> Result<ImdsClient, Error> {
         let env = &self.env;
-        let file = ProfileKeys::load(env);
+        let file = ProfileKeys::load(env)?;
         // Environment first, then the shared config file; the name reported in
         // errors is the one the value came from.
-        let setting = |var: &'static str, key: &'static str| -> Option<(String, &'static str)> {
-            env.get(var)
-                .map(|v| (v, var))
-                .or_else(|| file.get(key).map(|v| (v, key)))
+        let setting = |var: &'static str,
+                       key: &'static str|
+         -> Result<Option<(String, &'static str)>, Error> {
+            Ok(match env.lookup(var)? {
+                Some(v) => Some((v, var)),
+                None => file.get(key).map(|v| (v, key)),
+            })
         };
-        let disabled = match env.get("AWS_EC2_METADATA_DISABLED") {
+        let disabled = match env.lookup("AWS_EC2_METADATA_DISABLED")? {
             Some(v) => parse_bool(&v, "AWS_EC2_METADATA_DISABLED")?,
             None => false,
         };
@@ -195,7 +206,7 @@ impl ImdsClientBuilder {
             None => match setting(
                 "AWS_EC2_METADATA_SERVICE_ENDPOINT",
                 "ec2_metadata_service_endpoint",
-            ) {
+            )? {
                 Some((v, name)) => validate_endpoint(&v, name)?,
                 None => {
                     let mode = match self.endpoint_mode {
@@ -203,7 +214,7 @@ impl ImdsClientBuilder {
                         None => match setting(
                             "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE",
                             "ec2_metadata_service_endpoint_mode",
-                        ) {
+                        )? {
                             Some((v, name)) => EndpointMode::parse(&v, name)?,
                             None => EndpointMode::default(),
                         },
@@ -212,64 +223,70 @@ impl ImdsClientBuilder {
                 }
             },
         };
-        let env_timeout = match setting("AWS_METADATA_SERVICE_TIMEOUT", "metadata_service_timeout")
+        let env_timeout = match setting("AWS_METADATA_SERVICE_TIMEOUT", "metadata_service_timeout")?
         {
-            Some((v, name)) => Some(
-                v.trim()
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|s| s.is_finite() && *s > 0.0)
-                    .map(Duration::from_secs_f64)
-                    .ok_or_else(|| {
-                        invalid(
-                            name,
-                            format!("expected a positive number of seconds, got {v:?}"),
-                        )
-                    })?,
-            ),
+            Some((v, name)) => Some(parse_seconds(&v, name, TIMEOUT_RANGE)?),
             None => None,
         };
         let max_attempts = match self.max_attempts {
-            Some(n) => n,
+            Some(n) => check_count(n, "max_attempts", ATTEMPTS_RANGE)?,
             None => match setting(
                 "AWS_METADATA_SERVICE_NUM_ATTEMPTS",
                 "metadata_service_num_attempts",
-            ) {
-                Some((v, name)) => v
-                    .trim()
-                    .parse::<u32>()
-                    .map_err(|_| invalid(name, format!("expected a whole number, got {v:?}")))?,
+            )? {
+                Some((v, name)) => parse_count(&v, name, ATTEMPTS_RANGE)?,
                 None => DEFAULT_MAX_ATTEMPTS,
             },
         };
-        if max_attempts == 0 {
-            return Err(invalid("max_attempts", "must be at least 1"));
-        }
         let token_ttl = self.token_ttl.unwrap_or(DEFAULT_TOKEN_TTL);
-        if !(1..=21_600).contains(&token_ttl.as_secs()) || token_ttl.subsec_nanos() != 0 {
+        let (min_ttl, max_ttl) = TOKEN_TTL_RANGE;
+        if !(min_ttl..=max_ttl).contains(&token_ttl.as_secs()) || token_ttl.subsec_nanos() != 0 {
             return Err(invalid(
                 "token_ttl",
-                "must be a whole number of seconds from 1 to 21600",
+                format!(
+                    "expected a whole number of seconds from {min_ttl} to {max_ttl}, got {} seconds",
+                    token_ttl.as_secs_f64()
+                ),
             ));
         }
-        let v1_disabled = match setting("AWS_EC2_METADATA_V1_DISABLED", "ec2_metadata_v1_disabled")
+        let v1_disabled = match setting("AWS_EC2_METADATA_V1_DISABLED", "ec2_metadata_v1_disabled")?
         {
             Some((v, name)) => parse_bool(&v, name)?,
             None => false,
         };
-        let profile_name = self
-            .profile_name
-            .or_else(|| env.get("AWS_EC2_INSTANCE_PROFILE_NAME"))
-            .map(|p| p.trim().to_owned())
-            .filter(|p| !p.is_empty());
-        let connect_timeout = self
-            .connect_timeout
-            .or(env_timeout)
-            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        let read_timeout = self
-            .read_timeout
-            .or(env_timeout)
-            .unwrap_or(DEFAULT_READ_TIMEOUT);
+        let profile_name = match self.profile_name {
+            Some(name) => Some((name, "profile_name")),
+            None => env
+                .lookup("AWS_EC2_INSTANCE_PROFILE_NAME")?
+                .map(|name| (name, "AWS_EC2_INSTANCE_PROFILE_NAME")),
+        };
+        let profile_name = match profile_name {
+            Some((name, setting)) => match name.trim() {
+                "" => None,
+                name if is_iam_role_name(name) => Some(name.to_owned()),
+                _ => {
+                    return Err(invalid(
+                        setting,
+                        format!(
+                            "expected an IAM role name (1 to 64 of A-Z a-z 0-9 + = , . @ _ -), got {name:?}"
+                        ),
+                    ));
+                }
+            },
+            None => None,
+        };
+        let connect_timeout = match self.connect_timeout {
+            Some(t) => check_duration(t, "connect_timeout", TIMEOUT_RANGE)?,
+            None => env_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        };
+        let read_timeout = match self.read_timeout {
+            Some(t) => check_duration(t, "read_timeout", TIMEOUT_RANGE)?,
+            None => env_timeout.unwrap_or(DEFAULT_READ_TIMEOUT),
+        };
+        let unreachable_memo = match self.unreachable_memo {
+            Some(memo) => check_duration(memo, "unreachable_memo", UNREACHABLE_MEMO_RANGE)?,
+            None => UNREACHABLE_MEMO,
+        };
         let http = reqwest::Client::builder()
             .no_proxy()
             // IMDS never redirects; following one would send the session
@@ -300,7 +317,7 @@ impl ImdsClientBuilder {
                 disabled,
                 profile_name,
                 tokens: TokenCache::default(),
-                unreachable_memo: self.unreachable_memo.unwrap_or(UNREACHABLE_MEMO),
+                unreachable_memo,
                 unreachable_until: Mutex::new(None),
                 credentials_path: AtomicU8::new(PATH_UNKNOWN),
                 #[cfg(test)]
@@ -427,10 +444,9 @@ impl ImdsClient {
                     .map(str::trim)
                     .find(|l| !l.is_empty())
                     .ok_or_else(|| Error::new(ErrorKind::NoRoleAttached))?;
-                // IAM role names are 1-64 of `[A-Za-z0-9+=,.@_-]`. Anything else
-                // would end up in URLs, logs and file comments: refuse it.
-                let iam_char = |c: char| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c);
-                if role.len() > 64 || !role.chars().all(iam_char) {
+                // Anything IAM would not allow would end up in URLs, logs and
+                // file comments: refuse it.
+                if !is_iam_role_name(role) {
                     return Err(Error::new(ErrorKind::MalformedResponse {
                         what: "the role list holds a name IAM does not allow".into(),
                     }));
@@ -453,8 +469,13 @@ impl ImdsClient {
     }
 
     async fn fetch_credentials(&self, role: &str) -> Result<FetchedCredentials, Error> {
-        if role.is_empty() || role.contains('/') {
-            return Err(invalid("role name", format!("{role:?} is not a role name")));
+        if !is_iam_role_name(role) {
+            return Err(invalid(
+                "role name",
+                format!(
+                    "expected an IAM role name (1 to 64 of A-Z a-z 0-9 + = , . @ _ -), got {role:?}"
+                ),
+            ));
         }
         let inner = &self.inner;
         let mut answer = None;
