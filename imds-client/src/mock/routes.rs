@@ -14,7 +14,7 @@
 //! - responses carry a `Date` header.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
@@ -95,16 +95,27 @@ async fn imds(State(app): State<App>, method: Method, uri: Uri, headers: HeaderM
         other => handle(&app, &method, &path, &headers, other),
     };
     let skew = app.shared.with_state(|s| s.skew_seconds);
-    let now = app.shared.clock.now();
-    let date = if skew >= 0 {
-        now + Duration::from_secs(skew.unsigned_abs())
-    } else {
-        now - Duration::from_secs(skew.unsigned_abs())
-    };
-    if let Ok(value) = HeaderValue::from_str(&httpdate::fmt_http_date(date)) {
+    if let Some(date) = http_date(app.shared.clock.now(), skew)
+        && let Ok(value) = HeaderValue::from_str(&date)
+    {
         response.headers_mut().insert(header::DATE, value);
     }
     response
+}
+
+/// The `Date` header for `now` shifted by `skew` seconds, or `None` when that
+/// is not a date HTTP can carry (before 1970 or after 9999): never a panic.
+fn http_date(now: SystemTime, skew: i64) -> Option<String> {
+    let shift = Duration::from_secs(skew.unsigned_abs());
+    let date = if skew >= 0 {
+        now.checked_add(shift)?
+    } else {
+        now.checked_sub(shift)?
+    };
+    // httpdate panics outside 1970-01-01 ..= 9999-12-31.
+    const YEAR_10000: Duration = Duration::from_secs(253_402_300_800);
+    let since_epoch = date.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+    (since_epoch < YEAR_10000).then(|| httpdate::fmt_http_date(date))
 }
 
 /// A response whose body fails at once: hyper aborts the connection, so the
@@ -297,4 +308,34 @@ fn json(value: serde_json::Value) -> Response {
         serde_json::to_string_pretty(&value).unwrap_or_default(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_clock_and_skew_give_a_date_or_none_never_a_panic(
+            secs in any::<u64>(),
+            skew in any::<i64>(),
+        ) {
+            let now = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs));
+            if let Some(now) = now && let Some(date) = http_date(now, skew) {
+                prop_assert!(httpdate::parse_http_date(&date).is_ok(), "{date}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_ten_year_skew_still_gives_a_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_633_600); // 2025-12-02
+        for skew in [
+            -super::super::MAX_SKEW_SECONDS,
+            super::super::MAX_SKEW_SECONDS,
+        ] {
+            assert!(http_date(now, skew).is_some(), "{skew}");
+        }
+    }
 }
