@@ -30,7 +30,7 @@
 //! | session-token lifetime | 1 to 21600 whole seconds |
 //! | unreachable memo | 0 to 3600 seconds |
 //! | role name | 1 to 64 of `A-Z a-z 0-9 + = , . @ _ -` (what IAM allows) |
-//! | shared config file | a regular UTF-8 file of at most 1 MiB |
+//! | shared config file | a UTF-8 file (or `/dev/null`) of at most 1 MiB |
 
 use std::collections::HashMap;
 use std::io::Read as _;
@@ -203,8 +203,9 @@ pub(crate) struct ProfileKeys(HashMap<String, String>);
 impl ProfileKeys {
     /// Reads the profile `AWS_PROFILE` (else `default`) from `AWS_CONFIG_FILE`
     /// (else `$HOME/.aws/config`). A missing or unreadable file is an empty
-    /// profile; one that is not a regular file, is larger than 1 MiB or is
-    /// not UTF-8 is an error naming where its path came from.
+    /// profile (so is `/dev/null`); a directory, FIFO or socket, or a file
+    /// larger than 1 MiB or not UTF-8, is an error naming where its path
+    /// came from.
     pub(crate) fn load(env: &Env) -> Result<Self, Error> {
         let (path, setting) = match env.lookup("AWS_CONFIG_FILE")? {
             Some(path) => (path, "AWS_CONFIG_FILE"),
@@ -216,15 +217,28 @@ impl ProfileKeys {
         let profile = env
             .lookup("AWS_PROFILE")?
             .unwrap_or_else(|| "default".into());
-        let Ok(file) = std::fs::File::open(&path) else {
-            return Ok(Self::default());
-        };
         let refuse = |why: &str| invalid(setting, format!("{path:?} {why}"));
-        match file.metadata() {
-            Ok(meta) if !meta.is_file() => return Err(refuse("is not a regular file")),
+        // Looked at before opening: opening a FIFO would wait for a writer.
+        // A character device is read (bounded): `AWS_CONFIG_FILE=/dev/null`
+        // is the usual way to say "no config file".
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_dir() => return Err(refuse("is a directory, not a file")),
+            #[cfg(unix)]
+            Ok(meta)
+                if {
+                    use std::os::unix::fs::FileTypeExt as _;
+                    let kind = meta.file_type();
+                    kind.is_fifo() || kind.is_socket() || kind.is_block_device()
+                } =>
+            {
+                return Err(refuse("is not a regular file"));
+            }
             Ok(_) => {}
             Err(_) => return Ok(Self::default()),
         }
+        let Ok(file) = std::fs::File::open(&path) else {
+            return Ok(Self::default());
+        };
         let mut bytes = Vec::new();
         if file
             .take(MAX_CONFIG_FILE_BYTES + 1)

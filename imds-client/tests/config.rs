@@ -112,6 +112,8 @@ const SETTINGS: &[(&str, Option<&str>)] = &[
         Some("metadata_service_num_attempts"),
     ),
     ("AWS_EC2_INSTANCE_PROFILE_NAME", None),
+    ("AWS_CONFIG_FILE", None),
+    ("AWS_PROFILE", None),
 ];
 
 /// Strings, floats (NaN, infinities, subnormals, 1e300, negatives) and
@@ -152,6 +154,10 @@ fn hostile_value() -> impl Strategy<Value = String> {
             "http://[::1",
             "http://",
             "\u{0}",
+            ".",
+            "/",
+            "/dev/null",
+            "http://127.0.0.1:1/%zz?#",
         ])
         .prop_map(String::from),
     ]
@@ -253,7 +259,14 @@ proptest! {
             prop_assert_eq!(result.is_ok(), accepted, "{} with {:?} / {}", setting, d, attempts);
             named_error(result, setting).map_err(TestCaseError::fail)?;
         }
-        named_error(base().profile_name(profile).build(), "profile_name").map_err(TestCaseError::fail)?;
+        named_error(base().profile_name(profile.clone()).build(), "profile_name").map_err(TestCaseError::fail)?;
+        match base().endpoint(&profile) {
+            Ok(builder) => prop_assert!(builder.build().is_ok(), "endpoint {:?}", profile),
+            Err(err) => prop_assert!(
+                matches!(err.kind(), ErrorKind::InvalidConfiguration { setting, .. } if setting == "endpoint"),
+                "{:?}", err
+            ),
+        }
     }
 }
 
@@ -264,9 +277,19 @@ fn a_config_file_that_is_not_a_small_regular_file_is_refused_by_name() {
     std::fs::write(&big, vec![b'#'; 2 * 1024 * 1024]).unwrap();
     let not_utf8 = dir.path().join("latin1");
     std::fs::write(&not_utf8, b"[default]\nregion = caf\xe9\n").unwrap();
+    // A FIFO nobody writes to: opening it would wait forever.
+    let fifo = dir.path().join("fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
     for (path, why) in [
-        (dir.path().to_path_buf(), "is not a regular file"),
-        ("/dev/zero".into(), "is not a regular file"),
+        (fifo, "is not a regular file"),
+        (dir.path().to_path_buf(), "is a directory"),
+        ("/dev/zero".into(), "is larger than 1 MiB"),
         (big, "is larger than 1 MiB"),
         (not_utf8, "is not UTF-8 text"),
     ] {
@@ -284,6 +307,11 @@ fn a_config_file_that_is_not_a_small_regular_file_is_refused_by_name() {
             path.display()
         );
     }
+    // The usual way to say "no config file" still works.
+    ImdsClient::builder()
+        .env(Env::from_pairs([("AWS_CONFIG_FILE", "/dev/null")]))
+        .build()
+        .expect("AWS_CONFIG_FILE=/dev/null is an empty config");
 }
 
 /// The example program, run in a child process with a hostile environment.
