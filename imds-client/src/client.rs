@@ -4,7 +4,12 @@
 //! ([`token`]) and the retry policy ([`RetryPolicy`]). Typed helpers sit on top
 //! of [`ImdsClient::get`]. The client never goes through an HTTP proxy
 //! (whatever `HTTP_PROXY` says), never sends `X-Forwarded-For`, and reads at
-//! most [`MAX_RESPONSE_BYTES`] of any answer.
+//! most [`MAX_RESPONSE_BYTES`] of any answer. It never follows a redirect:
+//! IMDS does not send them, and following one would hand the session token
+//! to another host.
+//!
+//! Retry delays are jittered from a generator seeded per process (backon's
+//! `std` feature), so a fleet failing together does not retry in lock-step.
 
 pub mod token;
 
@@ -58,7 +63,8 @@ const EXTENDED_PATH: &str = "/latest/meta-data/iam/security-credentials-extended
 /// | timeout after connecting, connection reset | yes |
 /// | 401 | once, at once, with a new token (outside the attempt budget) |
 /// | 400, 403, 404, other 4xx | no |
-/// | nothing listening (connect refused / timed out) | no: fails fast and is remembered for [`UNREACHABLE_MEMO`] |
+/// | nothing listening (connect refused, or the handshake not done within the connect timeout) | no: [`ErrorKind::Unreachable`], remembered for [`UNREACHABLE_MEMO`] |
+/// | 3xx redirect | no, and never followed: [`ErrorKind::Redirected`] |
 /// | token request connects but never answers | no: the hop-limit symptom, reported as [`ErrorKind::TokenTimeout`] and remembered like an unreachable endpoint |
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
