@@ -12,8 +12,10 @@ use std::process::ExitCode;
 
 use imds_client::ImdsClient;
 
+/// Prints the credentials' public parts, or the error and its hint (exit 1).
+/// A bad setting (say `AWS_METADATA_SERVICE_TIMEOUT=1e20`) is such an error.
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+pub(crate) async fn main() -> ExitCode {
     match run().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

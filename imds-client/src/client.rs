@@ -4,7 +4,12 @@
 //! ([`token`]) and the retry policy ([`RetryPolicy`]). Typed helpers sit on top
 //! of [`ImdsClient::get`]. The client never goes through an HTTP proxy
 //! (whatever `HTTP_PROXY` says), never sends `X-Forwarded-For`, and reads at
-//! most [`MAX_RESPONSE_BYTES`] of any answer.
+//! most [`MAX_RESPONSE_BYTES`] of any answer. It never follows a redirect:
+//! IMDS does not send them, and following one would hand the session token
+//! to another host.
+//!
+//! Retry delays are jittered from a generator seeded per process (backon's
+//! `std` feature), so a fleet failing together does not retry in lock-step.
 
 pub mod token;
 
@@ -16,7 +21,11 @@ use backon::{ExponentialBuilder, Retryable};
 use reqwest::{Method, StatusCode};
 use tokio::time::Instant;
 
-use crate::config::{EndpointMode, Env, ProfileKeys, invalid, parse_bool};
+use crate::config::{
+    ATTEMPTS_RANGE, EndpointMode, Env, ProfileKeys, TIMEOUT_RANGE, TOKEN_TTL_RANGE,
+    UNREACHABLE_MEMO_RANGE, check_count, check_duration, invalid, is_iam_role_name, parse_bool,
+    parse_count, parse_seconds,
+};
 use crate::credentials::Credentials;
 use crate::error::{Error, ErrorKind};
 use crate::provider::{BoxFuture, CredentialsSource, FetchedCredentials};
@@ -54,7 +63,8 @@ const EXTENDED_PATH: &str = "/latest/meta-data/iam/security-credentials-extended
 /// | timeout after connecting, connection reset | yes |
 /// | 401 | once, at once, with a new token (outside the attempt budget) |
 /// | 400, 403, 404, other 4xx | no |
-/// | nothing listening (connect refused / timed out) | no: fails fast and is remembered for [`UNREACHABLE_MEMO`] |
+/// | nothing listening (connect refused, or the handshake not done within the connect timeout) | no: [`ErrorKind::Unreachable`], remembered for [`UNREACHABLE_MEMO`] |
+/// | 3xx redirect | no, and never followed: [`ErrorKind::Redirected`] |
 /// | token request connects but never answers | no: the hop-limit symptom, reported as [`ErrorKind::TokenTimeout`] and remembered like an unreachable endpoint |
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
@@ -113,20 +123,25 @@ impl ImdsClientBuilder {
         self
     }
 
-    /// Connect timeout. Default: [`DEFAULT_CONNECT_TIMEOUT`] (or `AWS_METADATA_SERVICE_TIMEOUT`).
+    /// How long the TCP handshake may take, 1 ms to 3600 s. A handshake that
+    /// does not complete in time is [`ErrorKind::Unreachable`] (not on EC2).
+    /// Default: [`DEFAULT_CONNECT_TIMEOUT`] (or `AWS_METADATA_SERVICE_TIMEOUT`).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = Some(timeout);
         self
     }
 
-    /// Timeout of one request after connecting. Default: [`DEFAULT_READ_TIMEOUT`]
-    /// (or `AWS_METADATA_SERVICE_TIMEOUT`).
+    /// How long the answer to one request may take once connected, 1 ms to
+    /// 3600 s (the whole request is bounded by connect plus read timeout).
+    /// A token request that connects but gets no answer in time is
+    /// [`ErrorKind::TokenTimeout`] (the hop-limit symptom). Default:
+    /// [`DEFAULT_READ_TIMEOUT`] (or `AWS_METADATA_SERVICE_TIMEOUT`).
     pub fn read_timeout(mut self, timeout: Duration) -> Self {
         self.read_timeout = Some(timeout);
         self
     }
 
-    /// Attempts per request, the first included (at least 1). Default:
+    /// Attempts per request, the first included: 1 to 20. Default:
     /// [`DEFAULT_MAX_ATTEMPTS`] (or `AWS_METADATA_SERVICE_NUM_ATTEMPTS`).
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = Some(attempts);
@@ -147,8 +162,9 @@ impl ImdsClientBuilder {
         self
     }
 
-    /// Use this role name instead of discovering it. Default: discover
-    /// (or `AWS_EC2_INSTANCE_PROFILE_NAME`).
+    /// Use this role name instead of discovering it: 1 to 64 of the
+    /// characters IAM allows (`A-Z a-z 0-9 + = , . @ _ -`); empty means
+    /// discover. Default: discover (or `AWS_EC2_INSTANCE_PROFILE_NAME`).
     pub fn profile_name(mut self, name: impl Into<String>) -> Self {
         self.profile_name = Some(name.into());
         self
@@ -157,7 +173,7 @@ impl ImdsClientBuilder {
     /// How long an endpoint that did not answer (nothing listening, or a
     /// token request never answered) is remembered: calls within that time
     /// fail at once with the same error instead of waiting for a timeout
-    /// again. Default: [`UNREACHABLE_MEMO`]; `Duration::ZERO` turns it off
+    /// again. 0 to 3600 s. Default: [`UNREACHABLE_MEMO`]; `Duration::ZERO` turns it off
     /// (for a caller with its own schedule, like the agent's poll).
     pub fn unreachable_memo(mut self, memo: Duration) -> Self {
         self.unreachable_memo = Some(memo);
@@ -170,18 +186,24 @@ impl ImdsClientBuilder {
         self
     }
 
-    /// Resolves every setting and builds the client. No I/O happens here.
+    /// Resolves every setting and builds the client. No I/O happens here
+    /// but reading the shared config file. Every value is checked against
+    /// its accepted range (see [`crate::config`]): a value out of range is
+    /// [`ErrorKind::InvalidConfiguration`] naming the setting and the range.
     pub fn build(self) -> Result<ImdsClient, Error> {
         let env = &self.env;
-        let file = ProfileKeys::load(env);
+        let file = ProfileKeys::load(env)?;
         // Environment first, then the shared config file; the name reported in
         // errors is the one the value came from.
-        let setting = |var: &'static str, key: &'static str| -> Option<(String, &'static str)> {
-            env.get(var)
-                .map(|v| (v, var))
-                .or_else(|| file.get(key).map(|v| (v, key)))
+        let setting = |var: &'static str,
+                       key: &'static str|
+         -> Result<Option<(String, &'static str)>, Error> {
+            Ok(match env.lookup(var)? {
+                Some(v) => Some((v, var)),
+                None => file.get(key).map(|v| (v, key)),
+            })
         };
-        let disabled = match env.get("AWS_EC2_METADATA_DISABLED") {
+        let disabled = match env.lookup("AWS_EC2_METADATA_DISABLED")? {
             Some(v) => parse_bool(&v, "AWS_EC2_METADATA_DISABLED")?,
             None => false,
         };
@@ -190,7 +212,7 @@ impl ImdsClientBuilder {
             None => match setting(
                 "AWS_EC2_METADATA_SERVICE_ENDPOINT",
                 "ec2_metadata_service_endpoint",
-            ) {
+            )? {
                 Some((v, name)) => validate_endpoint(&v, name)?,
                 None => {
                     let mode = match self.endpoint_mode {
@@ -198,7 +220,7 @@ impl ImdsClientBuilder {
                         None => match setting(
                             "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE",
                             "ec2_metadata_service_endpoint_mode",
-                        ) {
+                        )? {
                             Some((v, name)) => EndpointMode::parse(&v, name)?,
                             None => EndpointMode::default(),
                         },
@@ -207,66 +229,75 @@ impl ImdsClientBuilder {
                 }
             },
         };
-        let env_timeout = match setting("AWS_METADATA_SERVICE_TIMEOUT", "metadata_service_timeout")
+        let env_timeout = match setting("AWS_METADATA_SERVICE_TIMEOUT", "metadata_service_timeout")?
         {
-            Some((v, name)) => Some(
-                v.trim()
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|s| s.is_finite() && *s > 0.0)
-                    .map(Duration::from_secs_f64)
-                    .ok_or_else(|| {
-                        invalid(
-                            name,
-                            format!("expected a positive number of seconds, got {v:?}"),
-                        )
-                    })?,
-            ),
+            Some((v, name)) => Some(parse_seconds(&v, name, TIMEOUT_RANGE)?),
             None => None,
         };
         let max_attempts = match self.max_attempts {
-            Some(n) => n,
+            Some(n) => check_count(n, "max_attempts", ATTEMPTS_RANGE)?,
             None => match setting(
                 "AWS_METADATA_SERVICE_NUM_ATTEMPTS",
                 "metadata_service_num_attempts",
-            ) {
-                Some((v, name)) => v
-                    .trim()
-                    .parse::<u32>()
-                    .map_err(|_| invalid(name, format!("expected a whole number, got {v:?}")))?,
+            )? {
+                Some((v, name)) => parse_count(&v, name, ATTEMPTS_RANGE)?,
                 None => DEFAULT_MAX_ATTEMPTS,
             },
         };
-        if max_attempts == 0 {
-            return Err(invalid("max_attempts", "must be at least 1"));
-        }
         let token_ttl = self.token_ttl.unwrap_or(DEFAULT_TOKEN_TTL);
-        if !(1..=21_600).contains(&token_ttl.as_secs()) || token_ttl.subsec_nanos() != 0 {
+        let (min_ttl, max_ttl) = TOKEN_TTL_RANGE;
+        if !(min_ttl..=max_ttl).contains(&token_ttl.as_secs()) || token_ttl.subsec_nanos() != 0 {
             return Err(invalid(
                 "token_ttl",
-                "must be a whole number of seconds from 1 to 21600",
+                format!(
+                    "expected a whole number of seconds from {min_ttl} to {max_ttl}, got {} seconds",
+                    token_ttl.as_secs_f64()
+                ),
             ));
         }
-        let v1_disabled = match setting("AWS_EC2_METADATA_V1_DISABLED", "ec2_metadata_v1_disabled")
+        let v1_disabled = match setting("AWS_EC2_METADATA_V1_DISABLED", "ec2_metadata_v1_disabled")?
         {
             Some((v, name)) => parse_bool(&v, name)?,
             None => false,
         };
-        let profile_name = self
-            .profile_name
-            .or_else(|| env.get("AWS_EC2_INSTANCE_PROFILE_NAME"))
-            .map(|p| p.trim().to_owned())
-            .filter(|p| !p.is_empty());
-        let connect_timeout = self
-            .connect_timeout
-            .or(env_timeout)
-            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        let read_timeout = self
-            .read_timeout
-            .or(env_timeout)
-            .unwrap_or(DEFAULT_READ_TIMEOUT);
+        let profile_name = match self.profile_name {
+            Some(name) => Some((name, "profile_name")),
+            None => env
+                .lookup("AWS_EC2_INSTANCE_PROFILE_NAME")?
+                .map(|name| (name, "AWS_EC2_INSTANCE_PROFILE_NAME")),
+        };
+        let profile_name = match profile_name {
+            Some((name, setting)) => match name.trim() {
+                "" => None,
+                name if is_iam_role_name(name) => Some(name.to_owned()),
+                _ => {
+                    return Err(invalid(
+                        setting,
+                        format!(
+                            "expected an IAM role name (1 to 64 of A-Z a-z 0-9 + = , . @ _ -), got {name:?}"
+                        ),
+                    ));
+                }
+            },
+            None => None,
+        };
+        let connect_timeout = match self.connect_timeout {
+            Some(t) => check_duration(t, "connect_timeout", TIMEOUT_RANGE)?,
+            None => env_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        };
+        let read_timeout = match self.read_timeout {
+            Some(t) => check_duration(t, "read_timeout", TIMEOUT_RANGE)?,
+            None => env_timeout.unwrap_or(DEFAULT_READ_TIMEOUT),
+        };
+        let unreachable_memo = match self.unreachable_memo {
+            Some(memo) => check_duration(memo, "unreachable_memo", UNREACHABLE_MEMO_RANGE)?,
+            None => UNREACHABLE_MEMO,
+        };
         let http = reqwest::Client::builder()
             .no_proxy()
+            // IMDS never redirects; following one would send the session
+            // token to whatever host the Location names.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(connect_timeout)
             .user_agent(concat!("imds-client/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(4)
@@ -282,7 +313,7 @@ impl ImdsClientBuilder {
             inner: Arc::new(Inner {
                 http,
                 endpoint: endpoint.trim_end_matches('/').to_owned(),
-                read_timeout,
+                request_timeout: connect_timeout.saturating_add(read_timeout),
                 retry: RetryPolicy {
                     max_attempts,
                     base_delay: Duration::from_millis(100),
@@ -292,9 +323,11 @@ impl ImdsClientBuilder {
                 disabled,
                 profile_name,
                 tokens: TokenCache::default(),
-                unreachable_memo: self.unreachable_memo.unwrap_or(UNREACHABLE_MEMO),
+                unreachable_memo,
                 unreachable_until: Mutex::new(None),
                 credentials_path: AtomicU8::new(PATH_UNKNOWN),
+                #[cfg(test)]
+                requested_sleeps: Mutex::default(),
             }),
         })
     }
@@ -320,7 +353,12 @@ const PATH_CLASSIC: u8 = 2;
 struct Inner {
     http: reqwest::Client,
     endpoint: String,
-    read_timeout: Duration,
+    /// Connect timeout plus read timeout: reqwest's per-request timeout runs
+    /// from the start of connecting, so it must outlast the connect timeout
+    /// for a handshake that never completes to be reported as what it is
+    /// (`Unreachable`, from the connect timeout) rather than as a request
+    /// that connected and got no answer (`Timeout`, `TokenTimeout`).
+    request_timeout: Duration,
     retry: RetryPolicy,
     token_ttl: Duration,
     v1_fallback: bool,
@@ -331,6 +369,9 @@ struct Inner {
     /// Until when, and which failure (`Unreachable` or `TokenTimeout`).
     unreachable_until: Mutex<Option<(Instant, ErrorKind)>>,
     credentials_path: AtomicU8,
+    /// Every retry delay the backoff handed out, for tests of the jitter.
+    #[cfg(test)]
+    requested_sleeps: Mutex<Vec<Duration>>,
 }
 
 /// A response body and the server's `Date`.
@@ -409,10 +450,9 @@ impl ImdsClient {
                     .map(str::trim)
                     .find(|l| !l.is_empty())
                     .ok_or_else(|| Error::new(ErrorKind::NoRoleAttached))?;
-                // IAM role names are 1-64 of `[A-Za-z0-9+=,.@_-]`. Anything else
-                // would end up in URLs, logs and file comments: refuse it.
-                let iam_char = |c: char| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c);
-                if role.len() > 64 || !role.chars().all(iam_char) {
+                // Anything IAM would not allow would end up in URLs, logs and
+                // file comments: refuse it.
+                if !is_iam_role_name(role) {
                     return Err(Error::new(ErrorKind::MalformedResponse {
                         what: "the role list holds a name IAM does not allow".into(),
                     }));
@@ -427,19 +467,26 @@ impl ImdsClient {
     }
 
     /// The credentials of `role`. Tries the extended path (which adds the
-    /// account id) first; on 404 the classic one, remembering which this
-    /// instance serves.
+    /// account id) first; on 404, or when the first answer there is any
+    /// other error status but 401 and 429 (moto answers 500), the classic
+    /// one, remembering which this endpoint serves.
     pub async fn role_credentials(&self, role: &str) -> Result<Credentials, Error> {
         self.fetch_credentials(role).await.map(|f| f.credentials)
     }
 
     async fn fetch_credentials(&self, role: &str) -> Result<FetchedCredentials, Error> {
-        if role.is_empty() || role.contains('/') {
-            return Err(invalid("role name", format!("{role:?} is not a role name")));
+        if !is_iam_role_name(role) {
+            return Err(invalid(
+                "role name",
+                format!(
+                    "expected an IAM role name (1 to 64 of A-Z a-z 0-9 + = , . @ _ -), got {role:?}"
+                ),
+            ));
         }
         let inner = &self.inner;
         let mut answer = None;
-        if inner.credentials_path.load(Ordering::Relaxed) != PATH_CLASSIC {
+        let path = inner.credentials_path.load(Ordering::Relaxed);
+        if path != PATH_CLASSIC {
             match self.fetch(&format!("{EXTENDED_PATH}{role}")).await {
                 Ok(a) => {
                     inner
@@ -447,7 +494,17 @@ impl ImdsClient {
                         .store(PATH_EXTENDED, Ordering::Relaxed);
                     answer = Some(a);
                 }
+                // 404: the classic path is served instead (or the role is
+                // gone; the classic path says which).
                 Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {}
+                // The first time, any other answer *to this path* (moto's
+                // 500 for paths it does not know, a 400, 403, 405) also
+                // means "try the classic one"; a timeout, 401 or 429 says
+                // nothing about the path, and a transport failure or a
+                // redirect would fail there too.
+                Err(e) if path == PATH_UNKNOWN && extended_path_refused(&e) => {
+                    tracing::debug!(error = %e, "the extended credentials path failed; using the classic one");
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -500,6 +557,12 @@ impl ImdsClient {
                 _ => delay,
             })
             .notify(|error: &Error, delay| {
+                #[cfg(test)]
+                inner
+                    .requested_sleeps
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(delay);
                 tracing::debug!(%path, error = %error, ?delay, "retrying IMDS request");
             })
             .await;
@@ -544,6 +607,7 @@ impl ImdsClient {
                 path: path.to_owned(),
             })),
             429 => Err(Error::new(ErrorKind::Throttled)),
+            300..=399 => Err(redirected(&response)),
             s @ 500..=599 => Err(Error::new(ErrorKind::ServerError { status: s })),
             s => Err(Error::new(ErrorKind::UnexpectedStatus { status: s })),
         }
@@ -583,6 +647,7 @@ impl ImdsClient {
                 );
                 Ok(None)
             }
+            300..=399 => Err(redirected(&response)),
             400 => Err(Error::new(ErrorKind::UnexpectedStatus { status: 400 })),
             s @ (403..=405) => Err(Error::new(ErrorKind::TokenRejected { status: s })),
             429 => Err(Error::new(ErrorKind::Throttled)),
@@ -602,7 +667,7 @@ impl ImdsClient {
         let mut request = inner
             .http
             .request(method, format!("{}{path}", inner.endpoint))
-            .timeout(inner.read_timeout);
+            .timeout(inner.request_timeout);
         if let Some(token) = token {
             let mut value =
                 reqwest::header::HeaderValue::from_str(token.expose()).map_err(|_| {
@@ -618,6 +683,29 @@ impl ImdsClient {
         }
         request.send().await.map_err(classify_transport)
     }
+}
+
+/// Whether the first answer to the extended credentials path means this
+/// endpoint does not serve it, so the classic path is used from then on.
+fn extended_path_refused(error: &Error) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::ServerError { .. } | ErrorKind::UnexpectedStatus { .. }
+    )
+}
+
+/// The error for a 3xx answer: its status and (the start of) its `Location`.
+fn redirected(response: &reqwest::Response) -> Error {
+    let location = response.headers().get(reqwest::header::LOCATION).map(|v| {
+        String::from_utf8_lossy(v.as_bytes())
+            .chars()
+            .take(256)
+            .collect()
+    });
+    Error::new(ErrorKind::Redirected {
+        status: response.status().as_u16(),
+        location,
+    })
 }
 
 fn classify_transport(error: reqwest::Error) -> Error {
@@ -667,5 +755,77 @@ impl CredentialsSource for ImdsClient {
         role: &'a str,
     ) -> BoxFuture<'a, Result<FetchedCredentials, Error>> {
         Box::pin(self.fetch_credentials(role))
+    }
+}
+
+#[cfg(all(test, feature = "mock"))]
+mod tests {
+    use super::*;
+    use crate::config::Env;
+    use crate::mock::{Fault, FaultDuration, MockImds};
+
+    /// Set in a child process: print the requested sleeps and stop.
+    const CHILD: &str = "IMDS_CLIENT_TEST_PRINT_SLEEPS";
+
+    /// The retry delays a new client asks for while IMDS answers 503 to
+    /// everything (four attempts: three delays).
+    async fn requested_sleeps() -> Vec<Duration> {
+        let imds = MockImds::builder().start().await.unwrap();
+        imds.inject(Fault::Status { status: 503 }, FaultDuration::Forever);
+        let client = ImdsClient::builder()
+            .env(Env::empty())
+            .endpoint(imds.endpoint())
+            .unwrap()
+            .build()
+            .unwrap();
+        let err = client.instance_id().await.unwrap_err();
+        assert_eq!(err.kind(), &ErrorKind::ServerError { status: 503 });
+        let sleeps = client.inner.requested_sleeps.lock().unwrap().clone();
+        assert_eq!(sleeps.len(), 3, "{sleeps:?}");
+        sleeps
+    }
+
+    #[tokio::test]
+    async fn two_clients_retry_on_different_schedules() {
+        let (a, b) = tokio::join!(requested_sleeps(), requested_sleeps());
+        assert_ne!(a, b, "two clients slept the same jittered delays");
+    }
+
+    #[test]
+    fn each_process_retries_on_its_own_schedule() {
+        let sleeps = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(requested_sleeps())
+        };
+        if std::env::var_os(CHILD).is_some() {
+            println!("sleeps: {:?}", sleeps());
+            return;
+        }
+        let child = || {
+            let output = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "client::tests::each_process_retries_on_its_own_schedule",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            assert!(output.status.success(), "child failed: {stdout}");
+            stdout
+                .lines()
+                .find_map(|l| l.split_once("sleeps: ").map(|(_, s)| s.to_owned()))
+                .unwrap_or_else(|| panic!("no schedule in the child's output: {stdout}"))
+        };
+        let (first, second) = (child(), child());
+        assert_ne!(
+            first, second,
+            "two processes slept the same jittered delays: jitter is not seeded per process"
+        );
     }
 }

@@ -18,9 +18,24 @@
 //! | role name (skips discovery) | `AWS_EC2_INSTANCE_PROFILE_NAME` | |
 //!
 //! An endpoint (from any source) wins over an endpoint mode.
+//!
+//! Every value, whatever its source, is checked against its accepted range
+//! before the client is built, and a refusal names the setting as the user
+//! spelled it and the range: a bad value is an error, never a panic.
+//!
+//! | setting | accepted |
+//! |---|---|
+//! | timeouts (connect, read, `AWS_METADATA_SERVICE_TIMEOUT`) | 0.001 to 3600 seconds |
+//! | attempts | 1 to 20 |
+//! | session-token lifetime | 1 to 21600 whole seconds |
+//! | unreachable memo | 0 to 3600 seconds |
+//! | role name | 1 to 64 of `A-Z a-z 0-9 + = , . @ _ -` (what IAM allows) |
+//! | shared config file | a UTF-8 file (or `/dev/null`) of at most 1 MiB |
 
 use std::collections::HashMap;
+use std::io::Read as _;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::error::{Error, ErrorKind};
 
@@ -62,6 +77,123 @@ impl Env {
             None => std::env::var(key).ok(),
         }
     }
+
+    /// The value of `key`, if set; a value that is not UTF-8 is an error
+    /// naming the variable rather than a setting silently ignored.
+    pub(crate) fn lookup(&self, key: &str) -> Result<Option<String>, Error> {
+        match &self.fake {
+            Some(map) => Ok(map.get(key).cloned()),
+            None => match std::env::var(key) {
+                Ok(value) => Ok(Some(value)),
+                Err(std::env::VarError::NotPresent) => Ok(None),
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    Err(invalid(key, "the value is not valid UTF-8"))
+                }
+            },
+        }
+    }
+}
+
+/// Timeouts accepted from any source: 1 ms to 1 hour. IMDS is link-local and
+/// answers in milliseconds; an hour is already "wait forever".
+pub(crate) const TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(1), Duration::from_secs(3600));
+/// Attempts per request accepted from any source.
+pub(crate) const ATTEMPTS_RANGE: (u32, u32) = (1, 20);
+/// Session-token lifetimes IMDS accepts, in whole seconds.
+pub(crate) const TOKEN_TTL_RANGE: (u64, u64) = (1, 21_600);
+/// How long an unreachable endpoint may be remembered.
+pub(crate) const UNREACHABLE_MEMO_RANGE: (Duration, Duration) =
+    (Duration::ZERO, Duration::from_secs(3600));
+/// The largest shared config file read.
+const MAX_CONFIG_FILE_BYTES: u64 = 1024 * 1024;
+
+/// `d` as seconds, the way a user would write it (`0.001`, `3600`).
+fn seconds(d: Duration) -> String {
+    format!("{}", d.as_secs_f64())
+}
+
+/// Checks a duration against `(min, max)`; the error names `setting` and the range.
+pub(crate) fn check_duration(
+    value: Duration,
+    setting: &str,
+    (min, max): (Duration, Duration),
+) -> Result<Duration, Error> {
+    if value < min || value > max {
+        return Err(invalid(
+            setting,
+            format!(
+                "expected from {} to {} seconds, got {} seconds",
+                seconds(min),
+                seconds(max),
+                seconds(value)
+            ),
+        ));
+    }
+    Ok(value)
+}
+
+/// Parses a number of seconds (`1`, `0.25`, `2e0`) within `(min, max)`.
+/// NaN, infinities, negatives and values too large for a [`Duration`] are
+/// errors naming `setting` and the range, never a panic.
+pub(crate) fn parse_seconds(
+    value: &str,
+    setting: &str,
+    (min, max): (Duration, Duration),
+) -> Result<Duration, Error> {
+    let refuse = || {
+        invalid(
+            setting,
+            format!(
+                "expected a number of seconds from {} to {}, got {value:?}",
+                seconds(min),
+                seconds(max)
+            ),
+        )
+    };
+    let number: f64 = value.trim().parse().map_err(|_| refuse())?;
+    let duration = Duration::try_from_secs_f64(number).map_err(|_| refuse())?;
+    if duration < min || duration > max {
+        return Err(refuse());
+    }
+    Ok(duration)
+}
+
+/// Checks a count against `(min, max)`; the error names `setting` and the range.
+pub(crate) fn check_count(value: u32, setting: &str, (min, max): (u32, u32)) -> Result<u32, Error> {
+    if !(min..=max).contains(&value) {
+        return Err(invalid(
+            setting,
+            format!("expected a whole number from {min} to {max}, got {value}"),
+        ));
+    }
+    Ok(value)
+}
+
+/// Parses a whole number within `(min, max)`.
+pub(crate) fn parse_count(
+    value: &str,
+    setting: &str,
+    (min, max): (u32, u32),
+) -> Result<u32, Error> {
+    value
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| {
+            invalid(
+                setting,
+                format!("expected a whole number from {min} to {max}, got {value:?}"),
+            )
+        })
+}
+
+/// Whether IAM would accept `name` as a role name: 1 to 64 of
+/// `[A-Za-z0-9+=,.@_-]`. Anything else would end up in URLs and logs.
+pub(crate) fn is_iam_role_name(name: &str) -> bool {
+    let iam_char = |c: char| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c);
+    (1..=64).contains(&name.len()) && name.chars().all(iam_char)
 }
 
 /// The keys of one profile of the shared config file.
@@ -70,16 +202,56 @@ pub(crate) struct ProfileKeys(HashMap<String, String>);
 
 impl ProfileKeys {
     /// Reads the profile `AWS_PROFILE` (else `default`) from `AWS_CONFIG_FILE`
-    /// (else `$HOME/.aws/config`). A missing file is an empty profile.
-    pub(crate) fn load(env: &Env) -> Self {
-        let path = env
-            .get("AWS_CONFIG_FILE")
-            .or_else(|| env.get("HOME").map(|home| format!("{home}/.aws/config")));
-        let profile = env.get("AWS_PROFILE").unwrap_or_else(|| "default".into());
-        match path.and_then(|p| std::fs::read_to_string(p).ok()) {
-            Some(text) => Self::parse(&text, &profile),
-            None => Self::default(),
+    /// (else `$HOME/.aws/config`). A missing or unreadable file is an empty
+    /// profile (so is `/dev/null`); a directory, FIFO or socket, or a file
+    /// larger than 1 MiB or not UTF-8, is an error naming where its path
+    /// came from.
+    pub(crate) fn load(env: &Env) -> Result<Self, Error> {
+        let (path, setting) = match env.lookup("AWS_CONFIG_FILE")? {
+            Some(path) => (path, "AWS_CONFIG_FILE"),
+            None => match env.lookup("HOME")? {
+                Some(home) => (format!("{home}/.aws/config"), "the shared config file"),
+                None => return Ok(Self::default()),
+            },
+        };
+        let profile = env
+            .lookup("AWS_PROFILE")?
+            .unwrap_or_else(|| "default".into());
+        let refuse = |why: &str| invalid(setting, format!("{path:?} {why}"));
+        // Looked at before opening: opening a FIFO would wait for a writer.
+        // A character device is read (bounded): `AWS_CONFIG_FILE=/dev/null`
+        // is the usual way to say "no config file".
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_dir() => return Err(refuse("is a directory, not a file")),
+            #[cfg(unix)]
+            Ok(meta)
+                if {
+                    use std::os::unix::fs::FileTypeExt as _;
+                    let kind = meta.file_type();
+                    kind.is_fifo() || kind.is_socket() || kind.is_block_device()
+                } =>
+            {
+                return Err(refuse("is not a regular file"));
+            }
+            Ok(_) => {}
+            Err(_) => return Ok(Self::default()),
         }
+        let Ok(file) = std::fs::File::open(&path) else {
+            return Ok(Self::default());
+        };
+        let mut bytes = Vec::new();
+        if file
+            .take(MAX_CONFIG_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .is_err()
+        {
+            return Ok(Self::default());
+        }
+        if bytes.len() as u64 > MAX_CONFIG_FILE_BYTES {
+            return Err(refuse("is larger than 1 MiB"));
+        }
+        let text = String::from_utf8(bytes).map_err(|_| refuse("is not UTF-8 text"))?;
+        Ok(Self::parse(&text, &profile))
     }
 
     /// The keys of `[profile]` (or `[profile NAME]`; `[default]` for default).

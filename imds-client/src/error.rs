@@ -78,6 +78,19 @@ pub enum ErrorKind {
         /// The last HTTP status seen.
         status: u16,
     },
+    /// IMDS answered with a redirect. IMDS never redirects, and following one
+    /// would hand the session token (and then the credentials' origin) to
+    /// whatever host the `Location` names, so this client never does.
+    #[error(
+        "IMDS answered with a redirect (HTTP {status}, Location: {}), which this client never follows",
+        location.as_deref().map_or_else(|| "none".to_owned(), |l| format!("{l:?}"))
+    )]
+    Redirected {
+        /// The 3xx status.
+        status: u16,
+        /// The `Location` header, if any (at most 256 characters of it).
+        location: Option<String>,
+    },
     /// IMDS answered with a status this client does not expect.
     #[error("IMDS answered with unexpected HTTP status {status}")]
     UnexpectedStatus {
@@ -163,6 +176,10 @@ impl Error {
             ErrorKind::Throttled => {
                 Some("too many IMDS requests from this instance; cache credentials")
             }
+            ErrorKind::Redirected { .. } => Some(
+                "IMDS itself never redirects: check AWS_EC2_METADATA_SERVICE_ENDPOINT and \
+                 whatever sits between this host and it (a proxy, a captive portal)",
+            ),
             _ => None,
         }
     }
@@ -182,6 +199,7 @@ impl Error {
                 | ErrorKind::Connection
                 | ErrorKind::MalformedResponse { .. }
                 | ErrorKind::ResponseTooLarge { .. }
+                | ErrorKind::Redirected { .. }
                 | ErrorKind::UnexpectedStatus { .. }
         )
     }

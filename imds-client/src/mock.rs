@@ -46,6 +46,10 @@ use state::{Settings, Shared};
 pub const DEFAULT_CREDENTIAL_LIFETIME: Duration = Duration::from_secs(6 * 3600);
 /// Default rotation interval: new credentials every hour, long before expiry.
 pub const DEFAULT_ROTATION_INTERVAL: Duration = Duration::from_secs(3600);
+/// The longest credential lifetime and rotation interval accepted: 365 days.
+const MAX_CREDENTIAL_PERIOD: Duration = Duration::from_secs(365 * 86_400);
+/// The largest clock skew accepted, either way: 10 years, in seconds.
+pub const MAX_SKEW_SECONDS: i64 = 3650 * 86_400;
 
 /// Configures and starts a [`MockImds`].
 #[derive(Debug)]
@@ -80,13 +84,15 @@ impl MockImdsBuilder {
         self
     }
 
-    /// How long issued credentials stay valid. Default: 6 hours.
+    /// How long issued credentials stay valid, 1 s to 365 days (checked by
+    /// [`start`](Self::start)). Default: 6 hours.
     pub fn credential_lifetime(mut self, lifetime: Duration) -> Self {
         self.lifetime = lifetime;
         self
     }
 
-    /// How often new credentials are issued. Default: 1 hour.
+    /// How often new credentials are issued, 1 s to 365 days (checked by
+    /// [`start`](Self::start)). Default: 1 hour.
     pub fn rotation_interval(mut self, interval: Duration) -> Self {
         self.rotation = interval;
         self
@@ -118,8 +124,25 @@ impl MockImdsBuilder {
         self
     }
 
-    /// Binds the listener and starts serving in a spawned task.
+    /// Binds the listener and starts serving in a spawned task. A setting
+    /// out of range is an [`InvalidInput`](std::io::ErrorKind::InvalidInput)
+    /// error naming it and the range.
     pub async fn start(self) -> std::io::Result<MockImds> {
+        for (setting, value) in [
+            ("credential_lifetime", self.lifetime),
+            ("rotation_interval", self.rotation),
+        ] {
+            if !(Duration::from_secs(1)..=MAX_CREDENTIAL_PERIOD).contains(&value) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "{setting} must be from 1 to {} seconds (365 days), got {} seconds",
+                        MAX_CREDENTIAL_PERIOD.as_secs(),
+                        value.as_secs_f64()
+                    ),
+                ));
+            }
+        }
         let listener = TcpListener::bind(self.listen).await?;
         let local_addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(
@@ -236,8 +259,11 @@ impl MockImds {
         self.shared.with_state(|s| s.enabled = enabled);
     }
 
-    /// Shifts the `Date` header by `seconds` (negative: server behind).
+    /// Shifts the `Date` header by `seconds` (negative: server behind),
+    /// clamped to ±[`MAX_SKEW_SECONDS`] (10 years). The control surface
+    /// refuses values beyond that instead.
     pub fn set_clock_skew(&self, seconds: i64) {
+        let seconds = seconds.clamp(-MAX_SKEW_SECONDS, MAX_SKEW_SECONDS);
         self.shared.with_state(|s| s.skew_seconds = seconds);
     }
 

@@ -1,6 +1,8 @@
 //! `ImdsClient` against the emulator: tokens, retries, failures, settings.
 #![cfg(feature = "mock")]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use imds_client::config::Env;
@@ -440,4 +442,227 @@ async fn a_role_name_iam_would_not_allow_is_refused() {
     }
     imds.attach_role("app_role+=,.@-1");
     assert_eq!("app_role+=,.@-1", client.role_name().await.unwrap());
+}
+
+/// A loopback listener that never accepts, with its accept queue full, so
+/// the kernel drops every further SYN: a handshake that never completes,
+/// like 169.254.169.254 off EC2.
+async fn listener_that_drops_syns() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    // On loopback a handshake completes within the connect call or not at
+    // all, so the first one still pending after 500 ms shows the queue is full.
+    for _ in 0..16 {
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => fillers.push(stream),
+            Ok(Err(e)) => panic!("filling the accept queue of {addr}: {e}"),
+            Err(_) => return (listener, fillers),
+        }
+    }
+    panic!(
+        "the accept queue of {addr} never filled ({} connections)",
+        fillers.len()
+    );
+}
+
+fn client_with_timeouts(endpoint: String) -> ImdsClient {
+    ImdsClient::builder()
+        .env(Env::empty())
+        .endpoint(endpoint)
+        .unwrap()
+        // A read timeout shorter than the connect timeout: one timeout for
+        // both would fire first and call a dead handshake a hop-limit problem.
+        .connect_timeout(Duration::from_millis(400))
+        .read_timeout(Duration::from_millis(200))
+        .unreachable_memo(Duration::ZERO)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_handshake_that_never_completes_is_unreachable_not_the_hop_limit() {
+    let (listener, _fillers) = listener_that_drops_syns().await;
+    let client = client_with_timeouts(format!("http://{}", listener.local_addr().unwrap()));
+    let err = client.role_name().await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        &ErrorKind::Unreachable,
+        "expected Unreachable for a handshake that never completes, got {err:?}"
+    );
+    let hint = err.hint().unwrap();
+    assert!(
+        hint.contains("EC2"),
+        "expected the not-on-EC2 hint, got {hint:?}"
+    );
+    assert!(!hint.contains("hop limit"), "{hint}");
+}
+
+#[tokio::test]
+async fn a_connection_whose_token_reply_never_comes_names_the_hop_limit() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        // Accept, read the request, never answer.
+        while let Ok((socket, _)) = listener.accept().await {
+            let _ = accepted_tx.send(());
+            tokio::spawn(async move {
+                let mut socket = socket;
+                let mut buf = [0u8; 4096];
+                while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    let client = client_with_timeouts(format!("http://{addr}"));
+    let err = client.role_name().await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        &ErrorKind::TokenTimeout,
+        "expected TokenTimeout for a connected token request with no reply, got {err:?}"
+    );
+    assert!(err.hint().unwrap().contains("hop limit"));
+    assert!(
+        accepted_rx.try_recv().is_ok(),
+        "the listener must have accepted the connection"
+    );
+}
+
+/// Counts connections to a loopback listener standing for "another host",
+/// answering each with a 200 only after counting it.
+async fn elsewhere() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let _ = socket
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nstolen",
+                    )
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn redirects_are_errors_naming_status_and_location_and_go_nowhere() {
+    let (addr, seen) = elsewhere().await;
+    let imds = MockImds::builder().role("r").start().await.unwrap();
+    for status in [301, 302, 303, 307, 308] {
+        let client = client(&imds);
+        // The token request redirected.
+        let location = format!("http://{addr}/latest/api/token");
+        imds.inject(
+            Fault::Redirect {
+                status,
+                location: location.clone(),
+            },
+            FaultDuration::Requests(1),
+        );
+        let err = client.role_name().await.unwrap_err();
+        assert_eq!(
+            err.kind(),
+            &ErrorKind::Redirected {
+                status,
+                location: Some(location.clone())
+            },
+            "token PUT answered {status}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(&status.to_string()) && text.contains(&location),
+            "the error names the status and the Location: {text}"
+        );
+        // A metadata request redirected, once a token is held.
+        assert_eq!(client.instance_id().await.unwrap(), "i-0a1b2c3d4e5f60718");
+        let location = format!("http://{addr}{LIST}");
+        imds.inject(
+            Fault::Redirect {
+                status,
+                location: location.clone(),
+            },
+            FaultDuration::Requests(1),
+        );
+        let err = client.role_name().await.unwrap_err();
+        assert_eq!(
+            err.kind(),
+            &ErrorKind::Redirected {
+                status,
+                location: Some(location)
+            },
+            "GET answered {status}"
+        );
+    }
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "the host the redirects named must never be contacted (it would get the session token)"
+    );
+}
+
+#[tokio::test]
+async fn a_moto_like_500_on_the_extended_path_falls_back_to_the_classic_one_for_good() {
+    const EXTENDED: &str = "/latest/meta-data/iam/security-credentials-extended/r";
+    const CLASSIC: &str = "/latest/meta-data/iam/security-credentials/r";
+    let imds = MockImds::builder().role("r").start().await.unwrap();
+    imds.inject(
+        Fault::ExtendedPathStatus { status: 500 },
+        FaultDuration::Forever,
+    );
+    let client = client(&imds);
+    let creds = client.role_credentials("r").await.unwrap();
+    let issued = imds.current_credentials().unwrap();
+    assert_eq!(creds.access_key_id(), issued.access_key_id());
+    assert_eq!(creds.secret_access_key(), issued.secret_access_key());
+    assert_eq!(
+        creds.account_id(),
+        None,
+        "the classic path has no account id"
+    );
+    let asked = imds.request_counts().count("GET", EXTENDED);
+    assert!(asked >= 1, "the extended path is tried first");
+    client.role_credentials("r").await.unwrap();
+    let counts = imds.request_counts();
+    assert_eq!(
+        counts.count("GET", EXTENDED),
+        asked,
+        "the extended path is not asked again: {counts:?}"
+    );
+    assert_eq!(counts.count("GET", CLASSIC), 2, "{counts:?}");
+
+    // A 429 or 401 says nothing about the path: no fallback.
+    for (status, kind) in [(429, ErrorKind::Throttled), (401, ErrorKind::Unauthorized)] {
+        imds.clear_faults();
+        imds.reset_request_counts();
+        imds.inject(Fault::ExtendedPathStatus { status }, FaultDuration::Forever);
+        let client = ImdsClient::builder()
+            .env(Env::empty())
+            .endpoint(imds.endpoint())
+            .unwrap()
+            .max_attempts(1)
+            .build()
+            .unwrap();
+        let err = client.role_credentials("r").await.unwrap_err();
+        assert_eq!(err.kind(), &kind, "{status}");
+        assert_eq!(
+            imds.request_counts().count("GET", CLASSIC),
+            0,
+            "{status} must not switch to the classic path"
+        );
+    }
 }

@@ -634,3 +634,236 @@ async fn state_endpoint_shows_no_secrets() {
     assert!(body.contains(creds.access_key_id()));
     assert!(!body.contains(creds.secret_access_key()) && !body.contains(creds.session_token()));
 }
+
+/// A JSON number (or not-quite-number) a hostile caller might send.
+fn hostile_number() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    prop_oneof![
+        any::<f64>().prop_map(|f| format!("{f:e}")),
+        any::<f64>().prop_map(|f| f.to_string()),
+        any::<i64>().prop_map(|i| i.to_string()),
+        any::<u64>().prop_map(|i| i.to_string()),
+        prop::sample::select(vec![
+            "1e30",
+            "1e300",
+            "-1",
+            "0",
+            "-0",
+            "5e-324",
+            "1e-9",
+            "0.5",
+            "86400",
+            "86401",
+            "18446744073709551615",
+            "3600000",
+            "3600001",
+            "302",
+            "500",
+            "999",
+            "\"x\"",
+            "null",
+        ])
+        .prop_map(String::from),
+    ]
+}
+
+type Shared = std::sync::OnceLock<(tokio::runtime::Runtime, MockImds)>;
+
+/// One runtime and emulator per property test, kept across its cases (each
+/// test its own: one test's faults must not reach the other's requests).
+fn runtime_and_emulator(shared: &'static Shared) -> &'static (tokio::runtime::Runtime, MockImds) {
+    shared.get_or_init(|| {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let imds = runtime
+            .block_on(MockImds::builder().role("r").start())
+            .unwrap();
+        (runtime, imds)
+    })
+}
+
+/// The emulator still answers: its control surface and a token request.
+async fn still_serving(imds: &MockImds) -> Result<reqwest::Response, String> {
+    let state = http()
+        .get(format!("{}/_mock/state", imds.endpoint()))
+        .send()
+        .await
+        .map_err(|e| format!("the emulator stopped answering: {e}"))?;
+    if state.status() != StatusCode::OK {
+        return Err(format!("/_mock/state answered {}", state.status()));
+    }
+    http()
+        .put(format!("{}{TOKEN_PATH}", imds.endpoint()))
+        .header("X-aws-ec2-metadata-token-ttl-seconds", "60")
+        .send()
+        .await
+        .map_err(|e| format!("a token request failed: {e}"))
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config::with_cases(128))]
+
+    #[test]
+    fn any_fault_control_value_is_accepted_or_refused_by_name_never_a_crash(
+        kind in proptest::sample::select(vec![
+            "status", "latency", "drop", "token-blackhole", "redirect",
+            "extended-path-status", "code", "truncated-body", "bogus",
+        ]),
+        status in hostile_number(),
+        millis in hostile_number(),
+        seconds in proptest::option::of(hostile_number()),
+        requests in proptest::option::of(hostile_number()),
+        location in proptest::sample::select(vec![
+            "\"http://127.0.0.1:9/x\"", "\"\"", "\"a\\u0000b\"", "\"\\n\"", "7",
+        ]),
+    ) {
+        static SHARED: Shared = Shared::new();
+        let (runtime, imds) = runtime_and_emulator(&SHARED);
+        let mut body = format!(
+            r#"{{"fault":"{kind}","status":{status},"millis":{millis},"location":{location},"code":"C","message":"M""#
+        );
+        if let Some(seconds) = &seconds {
+            body += &format!(r#","seconds":{seconds}"#);
+        }
+        if let Some(requests) = &requests {
+            body += &format!(r#","requests":{requests}"#);
+        }
+        body += "}";
+        let outcome: Result<(), String> = runtime.block_on(async {
+            let response = http()
+                .post(format!("{}/_mock/fault", imds.endpoint()))
+                .body(body.clone())
+                .send()
+                .await
+                .map_err(|e| format!("the control request failed: {e}"))?;
+            let status = response.status();
+            let text = response.text().await.unwrap_or_default();
+            match status {
+                StatusCode::NO_CONTENT => {}
+                StatusCode::BAD_REQUEST if text.starts_with("invalid fault: ") && text.len() > 16 => {}
+                other => return Err(format!("expected 204 or a 400 saying why, got {other}: {text}")),
+            }
+            assert_eq!(
+                control(imds, Method::DELETE, "fault", "").await,
+                StatusCode::NO_CONTENT
+            );
+            still_serving(imds).await.map(drop)
+        });
+        proptest::prop_assert!(outcome.is_ok(), "{}: {:?}", body, outcome);
+    }
+
+    #[test]
+    fn any_skew_control_value_is_accepted_or_refused_never_a_crash(body in proptest::prop_oneof![
+        hostile_number(),
+        proptest::prelude::any::<String>(),
+    ]) {
+        static SHARED: Shared = Shared::new();
+        let (runtime, imds) = runtime_and_emulator(&SHARED);
+        let outcome: Result<(), String> = runtime.block_on(async {
+            let status = control(imds, Method::PUT, "skew", &body).await;
+            let answer = still_serving(imds).await?;
+            let date = answer.headers().get("date").map(|d| d.to_str().unwrap_or("").to_owned());
+            match status {
+                StatusCode::NO_CONTENT if date.is_some() => Ok(()),
+                StatusCode::BAD_REQUEST => Ok(()),
+                other => Err(format!("expected 204 (with a Date) or 400, got {other}, Date {date:?}")),
+            }
+        });
+        runtime.block_on(control(imds, Method::PUT, "skew", "0"));
+        proptest::prop_assert!(outcome.is_ok(), "{:?}: {:?}", body, outcome);
+    }
+}
+
+#[tokio::test]
+async fn out_of_range_control_values_are_refused_with_the_field_and_range() {
+    let imds = MockImds::builder().role("r").start().await.unwrap();
+    let refusal = |path: &'static str, method: Method, body: &'static str| {
+        let url = format!("{}/_mock/{path}", imds.endpoint());
+        async move {
+            let response = http().request(method, url).body(body).send().await.unwrap();
+            (response.status(), response.text().await.unwrap())
+        }
+    };
+    for (path, method, body, names) in [
+        (
+            "fault",
+            Method::POST,
+            r#"{"fault":"status","status":503,"seconds":1e30}"#,
+            ["seconds", "86400"],
+        ),
+        (
+            "fault",
+            Method::POST,
+            r#"{"fault":"status","status":503,"seconds":-1}"#,
+            ["seconds", "0.001"],
+        ),
+        (
+            "fault",
+            Method::POST,
+            r#"{"fault":"latency","millis":18446744073709551615}"#,
+            ["millis", "3600000"],
+        ),
+        (
+            "fault",
+            Method::POST,
+            r#"{"fault":"status","status":1000}"#,
+            ["status", "599"],
+        ),
+        (
+            "fault",
+            Method::POST,
+            r#"{"fault":"redirect","status":200,"location":"http://127.0.0.1:9/"}"#,
+            ["status", "399"],
+        ),
+        (
+            "fault",
+            Method::POST,
+            r#"{"fault":"status","status":503,"requests":0}"#,
+            ["requests", "1"],
+        ),
+        (
+            "skew",
+            Method::PUT,
+            "9223372036854775807",
+            ["seconds", "315360000"],
+        ),
+        ("skew", Method::PUT, "-1e30", ["seconds", "315360000"]),
+    ] {
+        let (status, text) = refusal(path, method, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {text}");
+        for name in names {
+            assert!(
+                text.contains(name),
+                "{body}: expected the refusal to name {name:?}: {text}"
+            );
+        }
+    }
+    // Ten years either way is served, with a Date ten years off.
+    let unskewed = still_serving(&imds).await.unwrap();
+    let now = httpdate::parse_http_date(unskewed.headers()["date"].to_str().unwrap()).unwrap();
+    for skew in ["-315360000", "315360000"] {
+        assert_eq!(
+            control(&imds, Method::PUT, "skew", skew).await,
+            StatusCode::NO_CONTENT
+        );
+        let response = still_serving(&imds).await.unwrap();
+        let date = httpdate::parse_http_date(response.headers()["date"].to_str().unwrap()).unwrap();
+        let off = date.duration_since(now).unwrap_or_else(|e| e.duration());
+        assert!(
+            off >= Duration::from_secs(315_359_000),
+            "{skew}: Date {date:?}"
+        );
+    }
+    // The builder's periods are checked too.
+    let err = MockImds::builder()
+        .credential_lifetime(Duration::MAX)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("credential_lifetime"), "{err}");
+    let err = MockImds::builder()
+        .rotation_interval(Duration::ZERO)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("rotation_interval"), "{err}");
+}

@@ -125,7 +125,19 @@ async fn no_secret_reaches_the_logs_across_a_lifecycle() {
     imds.clear_faults();
     imds.detach_role();
     let _ = provider.poll().await;
-    let _ = format!("{provider:?} {first:?} {second:?}");
+    // Debug of the provider and of both credentials shows no secret, and
+    // does show the public key id (so it is not just empty).
+    let debug = format!("{provider:?} {first:?} {second:?}");
+    for secret in &secrets {
+        assert!(
+            !debug.contains(secret.as_str()),
+            "a secret key or session token appeared in the Debug output of the provider or the credentials"
+        );
+    }
+    assert!(
+        debug.contains(first.access_key_id()) && debug.contains(second.credentials.access_key_id()),
+        "expected the access key ids in the Debug output: {debug}"
+    );
     logs_assert(|lines: &[&str]| {
         if lines.is_empty() {
             return Err("expected some log lines".into());
@@ -141,4 +153,24 @@ async fn no_secret_reaches_the_logs_across_a_lifecycle() {
     });
     assert!(logs_contain("fetched instance-role credentials"));
     assert!(logs_contain("detached"));
+}
+
+#[tokio::test]
+async fn credentials_load_from_a_moto_like_endpoint_that_answers_500_on_the_extended_path() {
+    let imds = MockImds::builder().role("app-role").start().await.unwrap();
+    imds.inject(
+        Fault::ExtendedPathStatus { status: 500 },
+        FaultDuration::Forever,
+    );
+    let provider = provider_for(&imds);
+    let credentials = provider.credentials().await.unwrap();
+    let issued = imds.current_credentials().unwrap();
+    assert_eq!(credentials.access_key_id(), issued.access_key_id());
+    assert_eq!(credentials.secret_access_key(), issued.secret_access_key());
+    assert_eq!(
+        imds.request_counts()
+            .count("GET", "/latest/meta-data/iam/security-credentials/app-role"),
+        1,
+        "the classic path served them"
+    );
 }

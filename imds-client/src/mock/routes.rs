@@ -14,7 +14,7 @@
 //! - responses carry a `Date` header.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
@@ -55,7 +55,9 @@ async fn imds(State(app): State<App>, method: Method, uri: Uri, headers: HeaderM
     app.shared.count(method.as_str(), &path);
     let kind = if is_token_path(&path) {
         RequestKind::Token
-    } else if path.starts_with(CREDENTIALS_PREFIX) || path.starts_with(EXTENDED_PREFIX) {
+    } else if path.starts_with(EXTENDED_PREFIX) {
+        RequestKind::ExtendedCredentials
+    } else if path.starts_with(CREDENTIALS_PREFIX) {
         RequestKind::Credentials
     } else {
         RequestKind::Metadata
@@ -65,9 +67,24 @@ async fn imds(State(app): State<App>, method: Method, uri: Uri, headers: HeaderM
         tokio::time::sleep(Duration::from_millis(*millis)).await;
     }
     let mut response = match fault {
-        Some(Fault::Status { status }) => StatusCode::from_u16(status)
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-            .into_response(),
+        Some(Fault::Status { status } | Fault::ExtendedPathStatus { status }) => {
+            StatusCode::from_u16(status)
+                .ok()
+                .filter(|s| (200..=599).contains(&s.as_u16()))
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+                .into_response()
+        }
+        Some(Fault::Redirect { status, location }) => {
+            let status = StatusCode::from_u16(status)
+                .ok()
+                .filter(StatusCode::is_redirection)
+                .unwrap_or(StatusCode::TEMPORARY_REDIRECT);
+            let mut response = status.into_response();
+            if let Ok(location) = HeaderValue::from_str(&location) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            response
+        }
         Some(Fault::Drop) => dropped_connection(),
         Some(Fault::TokenRejected) => StatusCode::UNAUTHORIZED.into_response(),
         Some(Fault::TokenBlackhole) => {
@@ -78,16 +95,27 @@ async fn imds(State(app): State<App>, method: Method, uri: Uri, headers: HeaderM
         other => handle(&app, &method, &path, &headers, other),
     };
     let skew = app.shared.with_state(|s| s.skew_seconds);
-    let now = app.shared.clock.now();
-    let date = if skew >= 0 {
-        now + Duration::from_secs(skew.unsigned_abs())
-    } else {
-        now - Duration::from_secs(skew.unsigned_abs())
-    };
-    if let Ok(value) = HeaderValue::from_str(&httpdate::fmt_http_date(date)) {
+    if let Some(date) = http_date(app.shared.clock.now(), skew)
+        && let Ok(value) = HeaderValue::from_str(&date)
+    {
         response.headers_mut().insert(header::DATE, value);
     }
     response
+}
+
+/// The `Date` header for `now` shifted by `skew` seconds, or `None` when that
+/// is not a date HTTP can carry (before 1970 or after 9999): never a panic.
+fn http_date(now: SystemTime, skew: i64) -> Option<String> {
+    let shift = Duration::from_secs(skew.unsigned_abs());
+    let date = if skew >= 0 {
+        now.checked_add(shift)?
+    } else {
+        now.checked_sub(shift)?
+    };
+    // httpdate panics outside 1970-01-01 ..= 9999-12-31.
+    const YEAR_10000: Duration = Duration::from_secs(253_402_300_800);
+    let since_epoch = date.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+    (since_epoch < YEAR_10000).then(|| httpdate::fmt_http_date(date))
 }
 
 /// A response whose body fails at once: hyper aborts the connection, so the
@@ -280,4 +308,34 @@ fn json(value: serde_json::Value) -> Response {
         serde_json::to_string_pretty(&value).unwrap_or_default(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_clock_and_skew_give_a_date_or_none_never_a_panic(
+            secs in any::<u64>(),
+            skew in any::<i64>(),
+        ) {
+            let now = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs));
+            if let Some(now) = now && let Some(date) = http_date(now, skew) {
+                prop_assert!(httpdate::parse_http_date(&date).is_ok(), "{date}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_ten_year_skew_still_gives_a_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_633_600); // 2025-12-02
+        for skew in [
+            -super::super::MAX_SKEW_SECONDS,
+            super::super::MAX_SKEW_SECONDS,
+        ] {
+            assert!(http_date(now, skew).is_some(), "{skew}");
+        }
+    }
 }

@@ -130,7 +130,11 @@ impl Shared {
         let stale = match &state.issued {
             None => true,
             Some(issued) => {
-                now >= issued.issued_at + self.settings.rotation || now < issued.issued_at
+                issued
+                    .issued_at
+                    .checked_add(self.settings.rotation)
+                    .is_none_or(|due| now >= due)
+                    || now < issued.issued_at
             }
         };
         if stale {
@@ -147,7 +151,11 @@ impl Shared {
         let token = random_string(56, TOKEN_ALPHABET);
         let mut state = self.lock();
         state.tokens.retain(|_, expires| *expires > now);
-        state.tokens.insert(token.clone(), now + ttl);
+        // The TTL is at most 6 hours; a clock at the end of time gets a
+        // token that is never valid rather than a panic.
+        if let Some(expires) = now.checked_add(ttl) {
+            state.tokens.insert(token.clone(), expires);
+        }
         token
     }
 
@@ -180,7 +188,8 @@ impl Shared {
     pub(crate) fn inject(&self, fault: Fault, duration: FaultDuration) {
         let (remaining, until) = match duration {
             FaultDuration::Requests(n) => (Some(n), None),
-            FaultDuration::For(d) => (None, Some(tokio::time::Instant::now() + d)),
+            // A duration past what the clock can hold lasts until cleared.
+            FaultDuration::For(d) => (None, tokio::time::Instant::now().checked_add(d)),
             FaultDuration::Forever => (None, None),
         };
         self.lock().faults.push(ActiveFault {
@@ -234,7 +243,7 @@ fn fresh_credentials(now: SystemTime, lifetime: Duration) -> Credentials {
         format!("ASIA{}", random_string(16, KEY_ALPHABET)),
         random_string(40, SECRET_ALPHABET),
         format!("IQoJb3JpZ2luX2Vj{}", random_string(600, SECRET_ALPHABET)),
-        issued + lifetime,
+        issued.checked_add(lifetime).unwrap_or(issued),
     )
     .with_last_updated(issued)
     .with_account_id("123456789012")
