@@ -535,3 +535,145 @@ async fn every_thread_sees_a_rotation() {
     provider.refresh_now().await.unwrap();
     on_threads("AKID2");
 }
+
+/// A source that answers each role-name request from a script, in order;
+/// a step may first wait for the test to release it.
+#[derive(Debug, Clone)]
+struct Scripted {
+    roles: Arc<Mutex<std::collections::VecDeque<RoleStep>>>,
+    creds: Arc<Mutex<Result<Credentials, ErrorKind>>>,
+    /// Told when a gated step has been reached.
+    entered: Arc<tokio::sync::Notify>,
+}
+
+#[derive(Debug)]
+struct RoleStep {
+    gate: Option<Arc<tokio::sync::Notify>>,
+    answer: Result<String, ErrorKind>,
+}
+
+impl Scripted {
+    fn new(creds: Credentials, steps: Vec<RoleStep>) -> Self {
+        Self {
+            roles: Arc::new(Mutex::new(steps.into())),
+            creds: Arc::new(Mutex::new(Ok(creds))),
+            entered: Arc::default(),
+        }
+    }
+}
+
+fn step(answer: Result<&str, ErrorKind>) -> RoleStep {
+    RoleStep {
+        gate: None,
+        answer: answer.map(str::to_owned),
+    }
+}
+
+impl CredentialsSource for Scripted {
+    fn role_name(&self) -> BoxFuture<'_, Result<String, Error>> {
+        Box::pin(async move {
+            let step = self
+                .roles
+                .lock()
+                .unwrap()
+                .pop_front()
+                .expect("the test scripted this many role requests");
+            if let Some(gate) = step.gate {
+                self.entered.notify_one();
+                gate.notified().await;
+            }
+            step.answer.map_err(Error::new)
+        })
+    }
+    fn role_credentials<'a>(
+        &'a self,
+        _role: &'a str,
+    ) -> BoxFuture<'a, Result<FetchedCredentials, Error>> {
+        Box::pin(async move {
+            self.creds
+                .lock()
+                .unwrap()
+                .clone()
+                .map(|credentials| FetchedCredentials {
+                    credentials,
+                    server_time: None,
+                })
+                .map_err(Error::new)
+        })
+    }
+}
+
+/// A poll checks the role and finds it replaced, so it loads; meanwhile
+/// another poll finds the role detached and withdraws the credentials; then
+/// the first poll's own load fails transiently. The detached role's
+/// credentials must not come back: not to the caller, not from the cache,
+/// not in the published state.
+#[tokio::test(start_paused = true)]
+#[ignore = "reproduces issue 12's detach-then-transient-failure bug; fixed by the next commit"]
+async fn a_transient_failure_after_a_detach_never_hands_out_the_detached_roles_credentials() {
+    let clock = ManualTimeSource::new(start());
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let fake = Scripted::new(
+        creds("AKIDDETACHED", start(), 6 * HOUR),
+        vec![
+            // The first load.
+            step(Ok("first")),
+            // Poll A's role check: the role was replaced (held until released).
+            RoleStep {
+                gate: Some(gate.clone()),
+                answer: Ok("second".into()),
+            },
+            // Poll B's role check and its load: no role any more.
+            step(Err(ErrorKind::NoRoleAttached)),
+            step(Err(ErrorKind::NoRoleAttached)),
+            // Poll A's own load: a transient failure.
+            step(Err(ErrorKind::ServerError { status: 503 })),
+        ],
+    );
+    let provider = ImdsCredentialsProvider::builder()
+        .source(fake.clone())
+        .time_source(SharedTimeSource::new(clock.clone()))
+        .build();
+    let state = provider.subscribe();
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKIDDETACHED"
+    );
+
+    let a = tokio::spawn({
+        let provider = provider.clone();
+        async move { provider.poll().await }
+    });
+    fake.entered.notified().await;
+    let b = provider.poll().await;
+    assert_eq!(
+        b.unwrap_err().kind(),
+        &ErrorKind::NoRoleAttached,
+        "poll B sees the detach"
+    );
+    assert!(matches!(&*state.borrow(), ProviderState::NoRole));
+
+    gate.notify_one();
+    let a = a.await.unwrap();
+    match &a {
+        Ok(rc) => panic!(
+            "poll A must fail (503 with nothing left to keep), but it handed out {} of role {}",
+            rc.credentials.access_key_id(),
+            rc.role
+        ),
+        Err(e) => assert_eq!(e.kind(), &ErrorKind::ServerError { status: 503 }),
+    }
+    assert!(
+        provider.last_good().is_none(),
+        "nothing cached after the detach"
+    );
+    let published = state.borrow().clone();
+    assert!(
+        published.current().is_none(),
+        "no credentials published after the detach, saw {published:?}"
+    );
+    assert!(
+        fake.roles.lock().unwrap().is_empty(),
+        "every scripted role request was made"
+    );
+}
