@@ -135,13 +135,6 @@ impl Credentials {
         Ok(credentials)
     }
 
-    /// A copy that shares nothing with `self` (its own reference count).
-    pub(crate) fn deep_copy(&self) -> Self {
-        Self {
-            parts: Arc::new((*self.parts).clone()),
-        }
-    }
-
     /// The access key id (not secret: it names the key, like a user name).
     pub fn access_key_id(&self) -> &str {
         &self.parts.access_key_id

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use imds_client::provider::{BoxFuture, FetchedCredentials};
+use imds_client::provider::{BoxFuture, FetchedCredentials, FetchedRole};
 use imds_client::{
     Credentials, CredentialsSource, Error, ErrorKind, ImdsCredentialsProvider, ManualTimeSource,
     ProviderState, SharedTimeSource, TimeSource,
@@ -43,6 +43,11 @@ impl Fake {
     fn set_role(&self, role: Result<&str, ErrorKind>) {
         *self.role.lock().unwrap() = role.map(str::to_owned);
     }
+    fn server_time(&self) -> Option<SystemTime> {
+        self.server_ahead
+            .as_ref()
+            .map(|(clock, ahead)| clock.now() + *ahead)
+    }
     fn calls(&self) -> (usize, usize) {
         (
             self.role_calls.load(Ordering::SeqCst),
@@ -52,11 +57,19 @@ impl Fake {
 }
 
 impl CredentialsSource for Fake {
-    fn role_name(&self) -> BoxFuture<'_, Result<String, Error>> {
+    fn role_name(&self) -> BoxFuture<'_, Result<FetchedRole, Error>> {
         Box::pin(async move {
             self.role_calls.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(self.delay).await;
-            self.role.lock().unwrap().clone().map_err(Error::new)
+            self.role
+                .lock()
+                .unwrap()
+                .clone()
+                .map(|role| FetchedRole {
+                    role,
+                    server_time: self.server_time(),
+                })
+                .map_err(Error::new)
         })
     }
     fn role_credentials<'a>(
@@ -77,10 +90,7 @@ impl CredentialsSource for Fake {
                 .clone()
                 .map(|credentials| FetchedCredentials {
                     credentials,
-                    server_time: self
-                        .server_ahead
-                        .as_ref()
-                        .map(|(clock, ahead)| clock.now() + *ahead),
+                    server_time: self.server_time(),
                 })
                 .map_err(Error::new)
         })
@@ -349,11 +359,11 @@ async fn invalidate_forces_a_refresh() {
 #[tokio::test(start_paused = true)]
 #[tracing_test::traced_test]
 async fn refreshes_are_scheduled_on_imds_time_when_the_local_clock_is_behind() {
-    // The local clock is 25 minutes behind IMDS.
+    // The local clock is 10 minutes behind IMDS (within MAX_CLOCK_SKEW).
     let clock = ManualTimeSource::new(start());
-    let server_start = start() + 25 * MINUTE;
+    let server_start = start() + 10 * MINUTE;
     let mut fake = Fake::new("r", creds("AKID1", server_start, HOUR));
-    fake.server_ahead = Some((clock.clone(), 25 * MINUTE));
+    fake.server_ahead = Some((clock.clone(), 10 * MINUTE));
     let provider = provider(&fake, &clock);
     provider.credentials().await.unwrap();
     assert!(
@@ -361,7 +371,7 @@ async fn refreshes_are_scheduled_on_imds_time_when_the_local_clock_is_behind() {
         "a skew warning is logged"
     );
 
-    // 45 minutes on: local time says 40 minutes remain (outside the
+    // 45 minutes on: local time says 25 minutes remain (outside the
     // 20-minute advisory window), IMDS time says 15: a refresh must start.
     fake.set_creds(Ok(creds("AKID2", server_start + 45 * MINUTE, HOUR)));
     advance(&clock, 45 * MINUTE).await;
@@ -408,39 +418,70 @@ async fn by_default_six_hour_credentials_are_replaced_with_more_than_fifteen_min
     assert_eq!(fresh.calls(), (1, 1));
 }
 
+/// Replaces the test of the removed `static_stability(false)`: a failing
+/// refresh never drops valid credentials in either window, says so in the
+/// published state, and does not ask IMDS on every call.
 #[tokio::test(start_paused = true)]
-async fn without_static_stability_valid_credentials_are_kept_until_their_real_expiry() {
+async fn a_failing_refresh_keeps_the_credentials_through_both_windows_and_past_expiry() {
     let clock = ManualTimeSource::new(start());
     let fake = Fake::new("r", creds("AKID1", start(), HOUR));
-    let provider = ImdsCredentialsProvider::builder()
-        .source(fake.clone())
-        .time_source(SharedTimeSource::new(clock.clone()))
-        .advisory_refresh_window(20 * MINUTE)
-        .static_stability(false)
-        .build();
+    let provider = provider(&fake, &clock);
+    let state = provider.subscribe();
     provider.credentials().await.unwrap();
     fake.set_creds(Err(ErrorKind::ServerError { status: 503 }));
-    // Advisory window: a failed background refresh must not drop them.
+    let failing = |state: &ProviderState| match state {
+        ProviderState::Active {
+            current,
+            last_error: Some(e),
+        } => {
+            current.credentials.access_key_id() == "AKID1"
+                && e.kind() == &ErrorKind::ServerError { status: 503 }
+        }
+        _ => false,
+    };
+
+    // Advisory window: the background refresh fails; the credentials stay.
     advance(&clock, 45 * MINUTE).await;
     assert_eq!(
         provider.credentials().await.unwrap().access_key_id(),
         "AKID1"
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(fake.calls(), (2, 2), "one background refresh");
+    assert!(failing(&state.borrow()), "state: {:?}", *state.borrow());
     assert_eq!(
         provider.credentials().await.unwrap().access_key_id(),
         "AKID1"
     );
-    // Mandatory window: still valid, still served.
+
+    // Mandatory window: the caller's own load fails; the credentials stay,
+    // and the next calls do not ask again (backoff).
     advance(&clock, 14 * MINUTE + 30 * Duration::from_secs(1)).await;
+    for _ in 0..10 {
+        assert_eq!(
+            provider.credentials().await.unwrap().access_key_id(),
+            "AKID1"
+        );
+    }
+    assert_eq!(
+        fake.calls(),
+        (3, 3),
+        "one load in the mandatory window, then a backoff"
+    );
+    assert!(failing(&state.borrow()), "state: {:?}", *state.borrow());
+
+    // Past the real expiry: still served (static stability), and the state
+    // says they are stale.
+    advance(&clock, 11 * MINUTE).await;
     assert_eq!(
         provider.credentials().await.unwrap().access_key_id(),
         "AKID1"
     );
-    // Past the real expiry: no static stability, so an error.
-    advance(&clock, MINUTE).await;
-    let err = provider.credentials().await.unwrap_err();
-    assert_eq!(err.kind(), &ErrorKind::ServerError { status: 503 });
+    assert!(
+        matches!(&*state.borrow(), ProviderState::Unavailable { stale: Some(s), .. } if s.credentials.access_key_id() == "AKID1"),
+        "state: {:?}",
+        *state.borrow()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -570,7 +611,7 @@ fn step(answer: Result<&str, ErrorKind>) -> RoleStep {
 }
 
 impl CredentialsSource for Scripted {
-    fn role_name(&self) -> BoxFuture<'_, Result<String, Error>> {
+    fn role_name(&self) -> BoxFuture<'_, Result<FetchedRole, Error>> {
         Box::pin(async move {
             let step = self
                 .roles
@@ -582,7 +623,12 @@ impl CredentialsSource for Scripted {
                 self.entered.notify_one();
                 gate.notified().await;
             }
-            step.answer.map_err(Error::new)
+            step.answer
+                .map(|role| FetchedRole {
+                    role,
+                    server_time: None,
+                })
+                .map_err(Error::new)
         })
     }
     fn role_credentials<'a>(
@@ -609,7 +655,6 @@ impl CredentialsSource for Scripted {
 /// credentials must not come back: not to the caller, not from the cache,
 /// not in the published state.
 #[tokio::test(start_paused = true)]
-#[ignore = "reproduces issue 12's detach-then-transient-failure bug; fixed by the next commit"]
 async fn a_transient_failure_after_a_detach_never_hands_out_the_detached_roles_credentials() {
     let clock = ManualTimeSource::new(start());
     let gate = Arc::new(tokio::sync::Notify::new());
