@@ -21,12 +21,12 @@
 //! disabled, the role's trust policy) withdraw the credentials and are
 //! remembered for a few seconds only.
 //!
-//! The pieces: [`cache`] holds the one cached state and its schedule
-//! (computed once per change), [`policy`] decides from (state, time) as pure
+//! The pieces: `cache` holds the one cached state and its schedule
+//! (computed once per change), `policy` decides from (state, time) as pure
 //! functions, and this module runs loads and publishes [`ProviderState`].
 //! Expiry is judged on IMDS's clock: every response's `Date` (role checks
 //! included) re-measures the skew, and a reading more than
-//! [`MAX_CLOCK_SKEW`] off is not believed.
+//! 15 minutes off is not believed.
 
 mod cache;
 mod policy;
@@ -35,8 +35,10 @@ mod source;
 mod state;
 
 pub use cache::{DEFAULT_MANDATORY_REFRESH_WINDOW, DEFAULT_MAX_ADVISORY_REFRESH_WINDOW};
-pub use policy::MAX_CLOCK_SKEW;
 pub use sdk::PROVIDER_NAME;
+#[cfg(not(feature = "test-util"))]
+pub(crate) use source::{BoxFuture, CredentialsSource, FetchedCredentials, FetchedRole};
+#[cfg(feature = "test-util")]
 pub use source::{BoxFuture, CredentialsSource, FetchedCredentials, FetchedRole};
 pub use state::{ProviderState, RoleCredentials};
 
@@ -49,6 +51,7 @@ use tokio::sync::watch;
 use cache::{Cache, Entry, Timing, Windows};
 use policy::{AfterFailure, CLOCK_SKEW_WARNING, Decision, NON_RECOVERABLE_FAILURE_TTL};
 
+use crate::client::ImdsClient;
 use crate::credentials::format_rfc3339;
 use crate::error::{Error, ErrorKind};
 use crate::time::SharedTimeSource;
@@ -76,8 +79,27 @@ impl std::fmt::Debug for FailureObserver {
 }
 
 impl ImdsCredentialsProviderBuilder {
-    /// Where credentials come from: normally an [`ImdsClient`](crate::ImdsClient).
-    /// Required.
+    /// The IMDS client to fetch credentials with, for settings other than
+    /// the defaults (endpoint, timeouts, attempts, a fixed role name).
+    /// Default: `ImdsClient::builder().build()`, configured from the
+    /// environment and the AWS config file.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), imds_client::Error> {
+    /// use std::time::Duration;
+    /// use imds_client::{ImdsClient, ImdsCredentialsProvider};
+    /// let client = ImdsClient::builder().read_timeout(Duration::from_secs(2)).build()?;
+    /// let provider = ImdsCredentialsProvider::builder().imds_client(client).build();
+    /// # Ok(()) }
+    /// ```
+    pub fn imds_client(mut self, client: ImdsClient) -> Self {
+        self.source = Some(Arc::new(client));
+        self
+    }
+
+    /// Where credentials come from, instead of an [`ImdsClient`]: a test
+    /// seam for scripted fakes (feature `test-util`).
+    #[cfg(feature = "test-util")]
     pub fn source(mut self, source: impl CredentialsSource) -> Self {
         self.source = Some(Arc::new(source));
         self
@@ -113,14 +135,17 @@ impl ImdsCredentialsProviderBuilder {
         self
     }
 
-    /// Builds the provider.
-    ///
-    /// # Panics
-    /// When no source was given: that is a programming error, not a runtime one.
+    /// Builds the provider. Never fails: without
+    /// [`imds_client`](Self::imds_client) it builds a default client, and if
+    /// the environment or config file holds an invalid setting, every call
+    /// returns that error (naming the setting) instead.
     pub fn build(self) -> ImdsCredentialsProvider {
         let source = self
             .source
-            .expect("ImdsCredentialsProviderBuilder::source is required");
+            .unwrap_or_else(|| match ImdsClient::builder().build() {
+                Ok(client) => Arc::new(client),
+                Err(error) => Arc::new(Misconfigured(error)),
+            });
         let (state_tx, _) = watch::channel(ProviderState::Starting);
         ImdsCredentialsProvider {
             inner: Arc::new(Inner {
@@ -140,6 +165,26 @@ impl ImdsCredentialsProviderBuilder {
                 on_failure: self.on_failure,
             }),
         }
+    }
+}
+
+/// The source of a provider whose default client could not be built: every
+/// request fails with the configuration error.
+#[derive(Debug)]
+struct Misconfigured(Error);
+
+impl CredentialsSource for Misconfigured {
+    fn role_name(&self) -> BoxFuture<'_, Result<FetchedRole, Error>> {
+        let error = self.0.clone();
+        Box::pin(async move { Err(error) })
+    }
+
+    fn role_credentials<'a>(
+        &'a self,
+        _role: &'a str,
+    ) -> BoxFuture<'a, Result<FetchedCredentials, Error>> {
+        let error = self.0.clone();
+        Box::pin(async move { Err(error) })
     }
 }
 
@@ -166,10 +211,8 @@ struct Inner {
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), imds_client::Error> {
-/// use imds_client::{ImdsClient, ImdsCredentialsProvider};
-/// let provider = ImdsCredentialsProvider::builder()
-///     .source(ImdsClient::builder().build()?)
-///     .build();
+/// use imds_client::ImdsCredentialsProvider;
+/// let provider = ImdsCredentialsProvider::builder().build();
 /// let credentials = provider.credentials().await?;
 /// println!("{}", credentials.access_key_id());
 /// # Ok(()) }

@@ -722,3 +722,42 @@ async fn a_transient_failure_after_a_detach_never_hands_out_the_detached_roles_c
         "every scripted role request was made"
     );
 }
+
+/// `builder().build()` without a client builds the default one and never
+/// panics: an invalid setting in the environment becomes every call's error,
+/// naming the setting. The check runs in a child process (this test binary,
+/// the ignored test below) whose environment this test sets.
+#[test]
+fn build_without_a_client_never_panics_and_reports_a_bad_setting() {
+    let child = "a_bad_setting_in_the_environment_is_every_calls_error";
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", child, "--ignored", "--test-threads=1"])
+        .env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "many")
+        // Loopback only, should the client be built after all.
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
+        .env("AWS_CONFIG_FILE", "/nonexistent/imds-client-test")
+        .output()
+        .unwrap();
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && shown.contains("1 passed"),
+        "expected the child test to run and pass, saw: {shown}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "run in a child process by build_without_a_client_never_panics_and_reports_a_bad_setting"]
+async fn a_bad_setting_in_the_environment_is_every_calls_error() {
+    let provider = ImdsCredentialsProvider::builder().build();
+    for _ in 0..2 {
+        let err = provider.credentials().await.unwrap_err();
+        assert!(
+            matches!(err.kind(), ErrorKind::InvalidConfiguration { setting, .. } if setting == "AWS_METADATA_SERVICE_NUM_ATTEMPTS"),
+            "expected an invalid-configuration error naming AWS_METADATA_SERVICE_NUM_ATTEMPTS, got {err:?}"
+        );
+    }
+}

@@ -21,7 +21,9 @@ fn provider_for(imds: &MockImds) -> ImdsCredentialsProvider {
         .unwrap()
         .build()
         .unwrap();
-    ImdsCredentialsProvider::builder().source(client).build()
+    ImdsCredentialsProvider::builder()
+        .imds_client(client)
+        .build()
 }
 
 #[tokio::test]
@@ -176,7 +178,7 @@ async fn on_manual_clock(
         .build()
         .unwrap();
     let mut builder = ImdsCredentialsProvider::builder()
-        .source(client)
+        .imds_client(client)
         .time_source(time);
     if let Some(window) = advisory {
         builder = builder.advisory_refresh_window(window);

@@ -33,7 +33,7 @@ pub(crate) const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(60);
 /// refreshes past expiry. Within this bound a wrong reading moves the
 /// schedule by at most 15 minutes, less than the default advisory window of
 /// six-hour credentials, and the next response measures again.
-pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(15 * 60);
+pub(crate) const MAX_CLOCK_SKEW: Duration = Duration::from_secs(15 * 60);
 const STATIC_STABILITY_MIN_WAIT: Duration = Duration::from_secs(5 * 60);
 const STATIC_STABILITY_MAX_WAIT: Duration = Duration::from_secs(10 * 60);
 

@@ -10,6 +10,10 @@
 //! Both answers carry the response's `Date`: the provider re-measures the
 //! clock skew on every response, role checks included, so one bad reading is
 //! replaced by the next.
+//!
+//! Public only with the `test-util` feature: it is a seam for tests, not a
+//! way to feed the provider credentials from elsewhere.
+#![cfg_attr(not(feature = "test-util"), allow(unreachable_pub))]
 
 use std::fmt;
 use std::future::Future;
