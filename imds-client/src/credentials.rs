@@ -135,6 +135,14 @@ impl Credentials {
         Ok(credentials)
     }
 
+    /// A copy with its own reference count (the secrets copied once), so
+    /// that threads cloning different copies never write the same count.
+    pub(crate) fn separate_copy(&self) -> Self {
+        Self {
+            parts: Arc::new((*self.parts).clone()),
+        }
+    }
+
     /// The access key id (not secret: it names the key, like a user name).
     pub fn access_key_id(&self) -> &str {
         &self.parts.access_key_id

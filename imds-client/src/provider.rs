@@ -1,8 +1,9 @@
 //! The caching, refreshing credentials provider.
 //!
 //! [`ImdsCredentialsProvider`] answers from a cache while credentials are
-//! fresh: a lock-free read of the one cached entry (`arc-swap`) and one clock
-//! reading, no network, no lock held across I/O, no allocation. Around expiry
+//! fresh: a lock-free read of the one cached entry (`arc-swap`), one clock
+//! reading and a reference count, no network, no lock held across I/O, no
+//! allocation. Around expiry
 //! it refreshes in two windows:
 //!
 //! - the **advisory** window (by default half the credentials' lifetime, at
@@ -156,6 +157,7 @@ impl ImdsCredentialsProviderBuilder {
                     mandatory: self.mandatory,
                     jitter: 0.8 + fastrand::f64() * 0.2,
                 },
+                shards: cache::shard_count(),
                 cache: Cache::default(),
                 load_lock: tokio::sync::Mutex::new(()),
                 generation: AtomicU64::new(0),
@@ -193,6 +195,8 @@ struct Inner {
     source: Arc<dyn CredentialsSource>,
     clock: SharedTimeSource,
     windows: Windows,
+    /// How many copies of the credentials an entry holds (see `cache`).
+    shards: usize,
     /// The one cached state.
     cache: Cache,
     load_lock: tokio::sync::Mutex<()>,
@@ -247,14 +251,14 @@ impl ImdsCredentialsProvider {
 
     /// Current credentials: from the cache while fresh, otherwise loaded.
     pub async fn credentials(&self) -> Result<crate::Credentials, Error> {
-        if let Some(credentials) = self.cached(|e| (*e.current.credentials).clone()) {
+        if let Some(credentials) = self.cached(|e| e.shard().credentials.clone()) {
             return Ok(credentials);
         }
         // Boxed: this future stays a few words, so a cached call neither
         // builds nor moves the (large) state of a load.
         Box::pin(self.resolve(Reason::Mandatory))
             .await
-            .map(|e| (*e.current.credentials).clone())
+            .map(|e| e.shard().credentials.clone())
     }
 
     /// Current credentials with the role they belong to.
@@ -368,17 +372,19 @@ impl ImdsCredentialsProvider {
     /// they are (see [`sdk`]).
     #[inline]
     pub(crate) fn cached_sdk(&self) -> Option<aws_credential_types::Credentials> {
-        self.cached(|e| e.sdk.clone())
+        self.cached(|e| e.shard().sdk.clone())
     }
 
     /// The AWS SDK's credentials, by the slow path.
     pub(crate) async fn resolve_sdk(&self) -> Result<aws_credential_types::Credentials, Error> {
-        self.resolve(Reason::Mandatory).await.map(|e| e.sdk.clone())
+        self.resolve(Reason::Mandatory)
+            .await
+            .map(|e| e.shard().sdk.clone())
     }
 
     /// The AWS SDK's form of the last good credentials, if any.
     pub(crate) fn last_good_sdk(&self) -> Option<aws_credential_types::Credentials> {
-        self.inner.cache.get().map(|e| e.sdk.clone())
+        self.inner.cache.get().map(|e| e.shard().sdk.clone())
     }
 
     /// Records whether IMDS is answering, for subscribers: a failing IMDS
@@ -506,6 +512,7 @@ impl ImdsCredentialsProvider {
                 },
                 timing,
                 &inner.windows,
+                inner.shards,
             ));
             (Some(entry.clone()), (entry, !unchanged))
         });

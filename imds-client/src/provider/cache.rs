@@ -9,14 +9,28 @@
 //! withdrawn, a new skew reading, an invalidation) makes a new one and swaps
 //! it in under [`Cache`]'s write lock, so the cached path is one lock-free
 //! load and one comparison.
+//!
+//! A cached call hands out a clone: one reference count incremented. Threads
+//! incrementing the same count at once slow each other down several times
+//! over (the cache line moves between cores on every call), so an entry
+//! holds a few [`Shard`]s, separate copies of the same credentials made once
+//! per fetch, and each thread clones the shard its index picks. The copies
+//! belong to the entry, not to threads: they go (and their secrets are
+//! zeroized) when the entry is replaced or withdrawn and the last clone
+//! handed out is dropped.
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwapOption, Guard};
-use aws_credential_types::credential_feature::AwsCredentialFeature;
 
 use super::state::RoleCredentials;
+use crate::credentials::Credentials;
+
+/// The most shards an entry holds.
+const MAX_SHARDS: usize = 16;
 
 /// Default mandatory refresh window: callers wait for a refresh inside it.
 pub const DEFAULT_MANDATORY_REFRESH_WINDOW: Duration = Duration::from_secs(60);
@@ -107,13 +121,50 @@ impl Timing {
     }
 }
 
+/// One copy of the credentials in both forms handed out.
+#[derive(Debug, Clone)]
+pub(crate) struct Shard {
+    /// Ours.
+    pub(crate) credentials: Credentials,
+    /// The AWS SDK's, converted once.
+    pub(crate) sdk: aws_credential_types::Credentials,
+}
+
+/// How many shards entries hold: the next power of two at or above the
+/// number of CPUs, at most [`MAX_SHARDS`].
+pub(crate) fn shard_count() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .next_power_of_two()
+        .min(MAX_SHARDS)
+}
+
+/// This thread's shard among `count` (a power of two): threads are numbered
+/// in the order they first ask, so concurrent callers mostly differ.
+#[inline]
+pub(crate) fn shard_index(count: usize) -> usize {
+    thread_local! {
+        static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let index = INDEX
+        .try_with(|index| {
+            if index.get() == usize::MAX {
+                index.set(NEXT.fetch_add(1, Ordering::Relaxed) & (MAX_SHARDS - 1));
+            }
+            index.get()
+        })
+        .unwrap_or(0);
+    index & (count - 1)
+}
+
 /// The cached state: credentials, both forms, and their schedule.
 #[derive(Debug)]
 pub(crate) struct Entry {
     /// The role and its credentials.
     pub(crate) current: RoleCredentials,
-    /// The same credentials as the AWS SDK's type, built once per fetch.
-    pub(crate) sdk: aws_credential_types::Credentials,
+    /// Copies of the credentials for cached calls (a power of two of them).
+    shards: Box<[Shard]>,
     /// What `schedule` was computed from.
     pub(crate) timing: Timing,
     /// Computed once from `timing` and the provider's windows.
@@ -121,31 +172,51 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    /// A new entry for freshly fetched credentials.
-    pub(crate) fn new(current: RoleCredentials, timing: Timing, windows: &Windows) -> Self {
-        let mut sdk = current
-            .credentials
-            .to_aws_credentials(super::sdk::PROVIDER_NAME);
-        // As aws-config's own IMDS provider does: the SDK reports the source
-        // of credentials in its user agent's feature list.
-        sdk.get_property_mut_or_default::<Vec<AwsCredentialFeature>>()
-            .push(AwsCredentialFeature::CredentialsImds);
+    /// A new entry for freshly fetched credentials, with `shards` copies
+    /// (a power of two) for cached calls.
+    pub(crate) fn new(
+        current: RoleCredentials,
+        timing: Timing,
+        windows: &Windows,
+        shards: usize,
+    ) -> Self {
+        // Not marked with the SDK's `AwsCredentialFeature::CredentialsImds`:
+        // the mark lives in the credentials' property map, and every clone of
+        // a marked value then allocates three times (see BENCHMARKS.md).
+        let shards = (0..shards.max(1))
+            .map(|i| {
+                let credentials = if i == 0 {
+                    (*current.credentials).clone()
+                } else {
+                    current.credentials.separate_copy()
+                };
+                let sdk = credentials.to_aws_credentials(super::sdk::PROVIDER_NAME);
+                Shard { credentials, sdk }
+            })
+            .collect();
         Self {
             current,
-            sdk,
+            shards,
             schedule: timing.schedule(windows),
             timing,
         }
     }
 
-    /// The same credentials with another timing (no conversion repeated).
+    /// The same credentials with another timing (no copy or conversion
+    /// repeated).
     pub(crate) fn with_timing(&self, timing: Timing, windows: &Windows) -> Self {
         Self {
             current: self.current.clone(),
-            sdk: self.sdk.clone(),
+            shards: self.shards.clone(),
             schedule: timing.schedule(windows),
             timing,
         }
+    }
+
+    /// The copy this thread hands out.
+    #[inline]
+    pub(crate) fn shard(&self) -> &Shard {
+        &self.shards[shard_index(self.shards.len())]
     }
 
     /// The credentials' own expiry, on IMDS's clock.
