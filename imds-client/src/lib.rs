@@ -34,7 +34,7 @@
 //!
 //! # Features
 //!
-//! - `mock`: the IMDSv2 emulator ([`mock`]).
+//! - `mock`: the IMDSv2 emulator (module `mock`).
 //! - `test-util`: seams for testing code built on the provider: the
 //!   provider builder's `source` (any `CredentialsSource`, for scripted
 //!   fakes) and `ManualTimeSource`. Not for production builds.
