@@ -2,6 +2,8 @@
 //! clock and a manual wall clock moved together.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use aws_credential_types::provider::ProvideCredentials;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -565,6 +567,11 @@ async fn every_thread_sees_a_rotation() {
                     for _ in 0..10 {
                         let got = rt.block_on(provider.credentials()).unwrap();
                         assert_eq!(got.access_key_id(), expected);
+                        // The SDK trait hands out the same credentials (each
+                        // thread's copy, converted once per fetch).
+                        let sdk = rt.block_on(provider.provide_credentials()).unwrap();
+                        assert_eq!(sdk.access_key_id(), expected);
+                        assert_eq!(sdk.secret_access_key(), got.secret_access_key());
                     }
                 });
             }
