@@ -17,7 +17,9 @@ use imds_client::{ImdsClient, ImdsCredentialsProvider};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let imds = MockImds::builder().role("example-role").start().await?;
     let client = ImdsClient::builder().endpoint(imds.endpoint())?.build()?;
-    let provider = ImdsCredentialsProvider::builder().source(client).build();
+    let provider = ImdsCredentialsProvider::builder()
+        .imds_client(client)
+        .build();
 
     let sdk_config = aws_config::SdkConfig::builder()
         .credentials_provider(SharedCredentialsProvider::new(provider))

@@ -143,7 +143,7 @@ pub fn provider(args: &RunArgs, metrics: Arc<Metrics>) -> anyhow::Result<ImdsCre
         .build()
         .context("configuring the IMDS client")?;
     let mut provider = ImdsCredentialsProvider::builder()
-        .source(client)
+        .imds_client(client)
         .on_failure(move |error| metrics.failed(error));
     if let Some(window) = args.refresh_window {
         provider = provider.advisory_refresh_window(Duration::from_secs(window));

@@ -28,7 +28,7 @@ use crate::config::{
 };
 use crate::credentials::Credentials;
 use crate::error::{Error, ErrorKind};
-use crate::provider::{BoxFuture, CredentialsSource, FetchedCredentials};
+use crate::provider::{BoxFuture, CredentialsSource, FetchedCredentials, FetchedRole};
 use crate::secret::SecretString;
 use token::{MaybeToken, TokenCache};
 
@@ -440,11 +440,19 @@ impl ImdsClient {
     /// The attached role's name; the configured one (no request) when a
     /// profile name is set. [`ErrorKind::NoRoleAttached`] when none is attached.
     pub async fn role_name(&self) -> Result<String, Error> {
+        self.fetch_role_name().await.map(|f| f.role)
+    }
+
+    /// The role name with the answer's `Date` (for the provider's skew).
+    async fn fetch_role_name(&self) -> Result<FetchedRole, Error> {
         if let Some(name) = &self.inner.profile_name {
-            return Ok(name.clone());
+            return Ok(FetchedRole {
+                role: name.clone(),
+                server_time: None,
+            });
         }
-        match self.get(ROLE_LIST_PATH).await {
-            Ok(body) => {
+        match self.fetch(ROLE_LIST_PATH).await {
+            Ok(Answer { body, server_time }) => {
                 let role = body
                     .lines()
                     .map(str::trim)
@@ -457,7 +465,10 @@ impl ImdsClient {
                         what: "the role list holds a name IAM does not allow".into(),
                     }));
                 }
-                Ok(role.to_owned())
+                Ok(FetchedRole {
+                    role: role.to_owned(),
+                    server_time,
+                })
             }
             Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {
                 Err(Error::new(ErrorKind::NoRoleAttached))
@@ -746,8 +757,8 @@ async fn read_bounded(mut response: reqwest::Response) -> Result<String, Error> 
 }
 
 impl CredentialsSource for ImdsClient {
-    fn role_name(&self) -> BoxFuture<'_, Result<String, Error>> {
-        Box::pin(ImdsClient::role_name(self))
+    fn role_name(&self) -> BoxFuture<'_, Result<FetchedRole, Error>> {
+        Box::pin(self.fetch_role_name())
     }
 
     fn role_credentials<'a>(

@@ -135,8 +135,9 @@ impl Credentials {
         Ok(credentials)
     }
 
-    /// A copy that shares nothing with `self` (its own reference count).
-    pub(crate) fn deep_copy(&self) -> Self {
+    /// A copy with its own reference count (the secrets copied once), so
+    /// that threads cloning different copies never write the same count.
+    pub(crate) fn separate_copy(&self) -> Self {
         Self {
             parts: Arc::new((*self.parts).clone()),
         }

@@ -5,8 +5,10 @@
 //! # async fn demo() -> Result<(), imds_client::Error> {
 //! use imds_client::{ImdsClient, ImdsCredentialsProvider};
 //!
-//! let client = ImdsClient::builder().build()?; // settings from AWS_EC2_METADATA_* too
-//! let provider = ImdsCredentialsProvider::builder().source(client).build();
+//! // The client's settings come from AWS_EC2_METADATA_* and ~/.aws/config too;
+//! // `.imds_client(..)` is needed only to set them in code.
+//! let client = ImdsClient::builder().build()?;
+//! let provider = ImdsCredentialsProvider::builder().imds_client(client).build();
 //! let credentials = provider.credentials().await?; // cached; refreshed before expiry
 //! println!("{} expires {}", credentials.access_key_id(), credentials.expiration_rfc3339());
 //! # Ok(()) }
@@ -18,8 +20,8 @@
 //! retries, timeouts, bounded bodies); [`ImdsCredentialsProvider`] turns that
 //! into cached, refreshed credentials and publishes a [`ProviderState`] that
 //! consumers (such as `imds-agent`) subscribe to. The provider reads the client
-//! through the [`CredentialsSource`] trait, so its timing is tested on tokio's
-//! paused clock with an injected wall clock ([`time`]) and no sockets.
+//! through a trait, so its timing is tested on tokio's paused clock with an
+//! injected wall clock ([`time`]) and no sockets.
 //!
 //! - [`client`]: the IMDSv2 client and its retry table.
 //! - [`config`]: where settings come from, in order.
@@ -29,7 +31,14 @@
 //!   AWS SDK's `ProvideCredentials`.
 //! - [`error`]: one error type whose kind says what to do.
 //! - `mock` (cargo feature `mock`): an IMDSv2 emulator for tests and demos.
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+//!
+//! # Features
+//!
+//! - `mock`: the IMDSv2 emulator (module `mock`).
+//! - `test-util`: seams for testing code built on the provider: the
+//!   provider builder's `source` (any `CredentialsSource`, for scripted
+//!   fakes) and `ManualTimeSource`. Not for production builds.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod client;
 pub mod config;
@@ -44,6 +53,12 @@ pub mod time;
 pub use client::ImdsClient;
 pub use credentials::Credentials;
 pub use error::{Error, ErrorKind};
-pub use provider::{CredentialsSource, ImdsCredentialsProvider, ProviderState, RoleCredentials};
+#[cfg(feature = "test-util")]
+pub use provider::CredentialsSource;
+pub use provider::{
+    ImdsCredentialsProvider, ImdsCredentialsProviderBuilder, ProviderState, RoleCredentials,
+};
 pub use secret::SecretString;
-pub use time::{ManualTimeSource, SharedTimeSource, SystemTimeSource, TimeSource};
+#[cfg(feature = "test-util")]
+pub use time::ManualTimeSource;
+pub use time::{SharedTimeSource, SystemTimeSource, TimeSource};

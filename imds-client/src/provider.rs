@@ -1,9 +1,10 @@
 //! The caching, refreshing credentials provider.
 //!
 //! [`ImdsCredentialsProvider`] answers from a cache while credentials are
-//! fresh: a lock-free read of an `Arc` snapshot (`arc-swap`) and one clock
-//! reading, no network, no lock held across I/O. Around expiry it refreshes in two
-//! windows:
+//! fresh: a lock-free read of the one cached entry (`arc-swap`), one clock
+//! reading and a reference count, no network, no lock held across I/O, no
+//! allocation. Around expiry
+//! it refreshes in two windows:
 //!
 //! - the **advisory** window (by default half the credentials' lifetime, at
 //!   most 30 minutes, shortened by a per-process jitter of up to 20 % so a fleet
@@ -13,47 +14,48 @@
 //!   lifetime): callers wait for the refresh.
 //!
 //! Loads are **single flight**: one load runs at a time, and callers that
-//! waited on it take its result, success or failure, instead of starting
-//! their own. **Static stability**: when IMDS fails transiently, the last good
-//! credentials keep being served; past their expiry they are served with a
+//! waited on it take what it left in the cache instead of starting their own.
+//! **Static stability**: when IMDS fails transiently, the credentials cached
+//! at that moment keep being served; past their expiry they are served with a
 //! warning and an extended local expiry, and IMDS is asked again only after a
 //! jittered 5 to 10 minutes. Non-recoverable failures (no role attached, IMDS
-//! disabled, the role's trust policy) withdraw the credentials and are cached
-//! for a few seconds only.
+//! disabled, the role's trust policy) withdraw the credentials and are
+//! remembered for a few seconds only.
+//!
+//! The pieces: `cache` holds the one cached state and its schedule
+//! (computed once per change), `policy` decides from (state, time) as pure
+//! functions, and this module runs loads and publishes [`ProviderState`].
+//! Expiry is judged on IMDS's clock: every response's `Date` (role checks
+//! included) re-measures the skew, and a reading more than
+//! 15 minutes off is not believed.
 
+mod cache;
+mod policy;
 mod sdk;
 mod source;
 mod state;
 
+pub use cache::{DEFAULT_MANDATORY_REFRESH_WINDOW, DEFAULT_MAX_ADVISORY_REFRESH_WINDOW};
 pub use sdk::PROVIDER_NAME;
-pub use source::{BoxFuture, CredentialsSource, FetchedCredentials};
+#[cfg(not(feature = "test-util"))]
+pub(crate) use source::{BoxFuture, CredentialsSource, FetchedCredentials, FetchedRole};
+#[cfg(feature = "test-util")]
+pub use source::{BoxFuture, CredentialsSource, FetchedCredentials, FetchedRole};
 pub use state::{ProviderState, RoleCredentials};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 
+use cache::{Cache, Entry, Timing, Windows};
+use policy::{AfterFailure, CLOCK_SKEW_WARNING, Decision, NON_RECOVERABLE_FAILURE_TTL};
+
+use crate::client::ImdsClient;
 use crate::credentials::format_rfc3339;
 use crate::error::{Error, ErrorKind};
 use crate::time::SharedTimeSource;
-
-/// Default mandatory refresh window: callers wait for a refresh inside it.
-pub const DEFAULT_MANDATORY_REFRESH_WINDOW: Duration = Duration::from_secs(60);
-/// Upper bound of the default advisory refresh window.
-pub const DEFAULT_MAX_ADVISORY_REFRESH_WINDOW: Duration = Duration::from_secs(30 * 60);
-/// How long a non-recoverable failure is remembered before IMDS is asked again.
-pub const NON_RECOVERABLE_FAILURE_TTL: Duration = Duration::from_secs(5);
-/// How soon to ask again when IMDS hands back the credentials we already have.
-pub const UNCHANGED_RETRY_INTERVAL: Duration = Duration::from_secs(15);
-/// How soon a failed advisory refresh is tried again.
-pub const ADVISORY_RETRY_INTERVAL: Duration = Duration::from_secs(120);
-/// Clock skew beyond which a warning is logged.
-pub const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(60);
-const STATIC_STABILITY_MIN_WAIT: Duration = Duration::from_secs(5 * 60);
-const STATIC_STABILITY_MAX_WAIT: Duration = Duration::from_secs(10 * 60);
 
 /// Builds an [`ImdsCredentialsProvider`].
 #[derive(Debug, Default)]
@@ -63,7 +65,6 @@ pub struct ImdsCredentialsProviderBuilder {
     time_source: Option<SharedTimeSource>,
     advisory: Option<Duration>,
     mandatory: Option<Duration>,
-    static_stability: Option<bool>,
     on_failure: Option<FailureObserver>,
 }
 
@@ -79,8 +80,27 @@ impl std::fmt::Debug for FailureObserver {
 }
 
 impl ImdsCredentialsProviderBuilder {
-    /// Where credentials come from: normally an [`ImdsClient`](crate::ImdsClient).
-    /// Required.
+    /// The IMDS client to fetch credentials with, for settings other than
+    /// the defaults (endpoint, timeouts, attempts, a fixed role name).
+    /// Default: `ImdsClient::builder().build()`, configured from the
+    /// environment and the AWS config file.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), imds_client::Error> {
+    /// use std::time::Duration;
+    /// use imds_client::{ImdsClient, ImdsCredentialsProvider};
+    /// let client = ImdsClient::builder().read_timeout(Duration::from_secs(2)).build()?;
+    /// let provider = ImdsCredentialsProvider::builder().imds_client(client).build();
+    /// # Ok(()) }
+    /// ```
+    pub fn imds_client(mut self, client: ImdsClient) -> Self {
+        self.source = Some(Arc::new(client));
+        self
+    }
+
+    /// Where credentials come from, instead of an [`ImdsClient`]: a test
+    /// seam for scripted fakes (feature `test-util`).
+    #[cfg(feature = "test-util")]
     pub fn source(mut self, source: impl CredentialsSource) -> Self {
         self.source = Some(Arc::new(source));
         self
@@ -106,13 +126,6 @@ impl ImdsCredentialsProviderBuilder {
         self
     }
 
-    /// Keep serving the last good credentials while IMDS fails transiently.
-    /// Default: true.
-    pub fn static_stability(mut self, enabled: bool) -> Self {
-        self.static_stability = Some(enabled);
-        self
-    }
-
     /// Calls `observer` once for every failed attempt to reach IMDS: loads
     /// (including background refreshes, whose errors callers never see),
     /// role checks by [`poll`](ImdsCredentialsProvider::poll), and "no role
@@ -123,31 +136,33 @@ impl ImdsCredentialsProviderBuilder {
         self
     }
 
-    /// Builds the provider.
-    ///
-    /// # Panics
-    /// When no source was given: that is a programming error, not a runtime one.
+    /// Builds the provider. Never fails: without
+    /// [`imds_client`](Self::imds_client) it builds a default client, and if
+    /// the environment or config file holds an invalid setting, every call
+    /// returns that error (naming the setting) instead.
     pub fn build(self) -> ImdsCredentialsProvider {
         let source = self
             .source
-            .expect("ImdsCredentialsProviderBuilder::source is required");
+            .unwrap_or_else(|| match ImdsClient::builder().build() {
+                Ok(client) => Arc::new(client),
+                Err(error) => Arc::new(Misconfigured(error)),
+            });
         let (state_tx, _) = watch::channel(ProviderState::Starting);
         ImdsCredentialsProvider {
             inner: Arc::new(Inner {
                 source,
                 clock: self.time_source.unwrap_or_default(),
-                advisory: self.advisory,
-                mandatory: self.mandatory,
-                jitter: 0.8 + fastrand::f64() * 0.2,
-                static_stability: self.static_stability.unwrap_or(true),
-                cache: RwLock::new(None),
-                fresh: ArcSwapOption::empty(),
-                fresh_id: AtomicU64::new(0),
+                windows: Windows {
+                    advisory: self.advisory,
+                    mandatory: self.mandatory,
+                    jitter: 0.8 + fastrand::f64() * 0.2,
+                },
+                shards: cache::shard_count(),
+                cache: Cache::default(),
                 load_lock: tokio::sync::Mutex::new(()),
                 generation: AtomicU64::new(0),
-                last_outcome: Mutex::new(None),
+                last_failure: Mutex::new(None),
                 refreshing: AtomicBool::new(false),
-                invalidated: AtomicBool::new(false),
                 state_tx,
                 on_failure: self.on_failure,
             }),
@@ -155,69 +170,43 @@ impl ImdsCredentialsProviderBuilder {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Cached {
-    current: RoleCredentials,
-    /// Local expiry: the real one, or an extension when IMDS keeps failing
-    /// or handed back expired credentials.
-    expires: SystemTime,
-    lifetime: Duration,
-    /// Server time minus local time, in seconds.
-    skew_secs: i64,
-    /// No refresh before this (static-stability backoff, unchanged credentials).
-    not_before: Option<SystemTime>,
-    last_error: Option<Error>,
-}
-
-/// What the cached path reads without a lock: the credentials and the local
-/// time until which the cache answers with them unchecked (before the advisory
-/// window, or inside a backoff before expiry).
+/// The source of a provider whose default client could not be built: every
+/// request fails with the configuration error.
 #[derive(Debug)]
-struct Fresh {
-    /// Unique among every `Fresh` of every provider in the process (never
-    /// reused, unlike an address), so a per-thread copy can be matched to it.
-    id: u64,
-    current: RoleCredentials,
-    until: SystemTime,
-}
+struct Misconfigured(Error);
 
-static NEXT_FRESH_ID: AtomicU64 = AtomicU64::new(1);
+impl CredentialsSource for Misconfigured {
+    fn role_name(&self) -> BoxFuture<'_, Result<FetchedRole, Error>> {
+        let error = self.0.clone();
+        Box::pin(async move { Err(error) })
+    }
 
-thread_local! {
-    /// This thread's own copy of the credentials of one `Fresh` (by id).
-    /// Handing out clones of a per-thread copy means concurrent callers never
-    /// write to a shared reference count, which on two cores costs more than
-    /// the rest of the cached call. The copy is replaced (and its secrets
-    /// zeroized) when this thread next asks after a rotation, or at thread exit.
-    static THREAD_COPY: std::cell::RefCell<Option<ThreadCopy>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// One thread's copy of the credentials of the `Fresh` with this id.
-struct ThreadCopy {
-    id: u64,
-    until: SystemTime,
-    credentials: crate::Credentials,
+    fn role_credentials<'a>(
+        &'a self,
+        _role: &'a str,
+    ) -> BoxFuture<'a, Result<FetchedCredentials, Error>> {
+        let error = self.0.clone();
+        Box::pin(async move { Err(error) })
+    }
 }
 
 #[derive(Debug)]
 struct Inner {
     source: Arc<dyn CredentialsSource>,
     clock: SharedTimeSource,
-    advisory: Option<Duration>,
-    mandatory: Option<Duration>,
-    jitter: f64,
-    static_stability: bool,
-    cache: RwLock<Option<Cached>>,
-    /// Derived from `cache`, republished under its write lock on every change.
-    fresh: ArcSwapOption<Fresh>,
-    /// The id of the `Fresh` in `fresh` (0: none), stored after it.
-    fresh_id: AtomicU64,
+    windows: Windows,
+    /// How many copies of the credentials an entry holds (see `cache`).
+    shards: usize,
+    /// The one cached state.
+    cache: Cache,
     load_lock: tokio::sync::Mutex<()>,
+    /// Incremented after each load, so its waiters know one ran.
     generation: AtomicU64,
-    last_outcome: Mutex<Option<(Result<RoleCredentials, Error>, SystemTime)>>,
+    /// The last load's failure and when (cleared by a success): what its
+    /// waiters get when it withdrew the credentials, and the memo of a
+    /// non-recoverable failure. Never credentials.
+    last_failure: Mutex<Option<(Error, SystemTime)>>,
     refreshing: AtomicBool,
-    invalidated: AtomicBool,
     state_tx: watch::Sender<ProviderState>,
     on_failure: Option<FailureObserver>,
 }
@@ -226,10 +215,8 @@ struct Inner {
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), imds_client::Error> {
-/// use imds_client::{ImdsClient, ImdsCredentialsProvider};
-/// let provider = ImdsCredentialsProvider::builder()
-///     .source(ImdsClient::builder().build()?)
-///     .build();
+/// use imds_client::ImdsCredentialsProvider;
+/// let provider = ImdsCredentialsProvider::builder().build();
 /// let credentials = provider.credentials().await?;
 /// println!("{}", credentials.access_key_id());
 /// # Ok(()) }
@@ -249,6 +236,13 @@ enum Reason {
     Poll,
 }
 
+/// What a failed load left: the credentials cached when it failed, kept,
+/// or nothing.
+enum Failed {
+    Kept(Arc<Entry>),
+    Withdrawn(Error),
+}
+
 impl ImdsCredentialsProvider {
     /// Starts configuring a provider.
     pub fn builder() -> ImdsCredentialsProviderBuilder {
@@ -257,107 +251,76 @@ impl ImdsCredentialsProvider {
 
     /// Current credentials: from the cache while fresh, otherwise loaded.
     pub async fn credentials(&self) -> Result<crate::Credentials, Error> {
-        if let Some(credentials) = self.fresh_thread_copy() {
+        if let Some(credentials) = self.cached(|e| e.shard().credentials.clone()) {
             return Ok(credentials);
         }
         // Boxed: this future stays a few words, so a cached call neither
         // builds nor moves the (large) state of a load.
-        Box::pin(self.role_credentials())
+        Box::pin(self.resolve(Reason::Mandatory))
             .await
-            .map(|rc| (*rc.credentials).clone())
+            .map(|e| e.shard().credentials.clone())
     }
 
     /// Current credentials with the role they belong to.
     pub async fn role_credentials(&self) -> Result<RoleCredentials, Error> {
-        if let Some(current) = self.fresh_at(self.inner.clock.now(), |f| f.current.clone()) {
+        if let Some(current) = self.cached(|e| e.current.clone()) {
             return Ok(current);
         }
-        let inner = &self.inner;
-        let Some(cached) = self.snapshot() else {
-            if let Some(Err(e)) = self.recent_failure() {
-                return Err(e);
-            }
-            return self.load(Reason::Cold).await;
-        };
-        let now = self.server_now(&cached);
-        let remaining = cached.expires.duration_since(now).unwrap_or_default();
-        let blocked = cached.not_before.is_some_and(|t| now < t);
-        if inner.invalidated.swap(false, Ordering::AcqRel) {
-            return self.load_or_keep(cached, Reason::Requested).await;
-        }
-        if remaining > self.advisory_window(&cached) || blocked && remaining > Duration::ZERO {
-            return Ok(cached.current);
-        }
-        if remaining > self.mandatory_window(&cached) {
-            self.spawn_background_refresh();
-            return Ok(cached.current);
-        }
-        if blocked {
-            // Expired, IMDS failing, backing off: static stability.
-            return Ok(cached.current);
-        }
-        self.load_or_keep(cached, Reason::Mandatory).await
+        Box::pin(self.resolve(Reason::Mandatory))
+            .await
+            .map(|e| e.current.clone())
     }
 
     /// Re-reads the role name and credentials now, whatever the cache holds
     /// (for a SIGHUP or an operator's request). Publishes the new state.
     pub async fn refresh_now(&self) -> Result<RoleCredentials, Error> {
-        match self.snapshot() {
-            Some(cached) => self.load_or_keep(cached, Reason::Requested).await,
-            None => self.load(Reason::Requested).await,
-        }
+        self.load(Reason::Requested)
+            .await
+            .map(|e| e.current.clone())
     }
 
     /// Checks whether the attached role changed (one cheap request) and
     /// refreshes if it did, or if the credentials are due. Meant to be called
     /// on a timer by a long-running process (the agent's poll interval), so
     /// that attach, replace and detach are noticed without waiting for expiry.
+    /// The answer's `Date` re-measures the clock skew.
     pub async fn poll(&self) -> Result<RoleCredentials, Error> {
-        let Some(cached) = self.snapshot() else {
-            return self.load(Reason::Poll).await;
+        let Some(cached) = self.inner.cache.get() else {
+            return self.load(Reason::Poll).await.map(|e| e.current.clone());
         };
-        match self.inner.source.role_name().await {
-            Ok(role) if role == cached.current.role => {
+        let entry = match self.inner.source.role_name().await {
+            Ok(fetched) if fetched.role == cached.current.role => {
+                self.remeasure_skew(&fetched);
                 self.set_health(None);
-                self.role_credentials().await
+                self.resolve(Reason::Poll).await
             }
-            Ok(_) => self.load_or_keep(cached, Reason::Poll).await,
             Err(e) if e.is_transient() => {
                 self.observe_failure(&e);
                 tracing::warn!(error = %e, hint = e.hint(), "role check failed; keeping the current credentials");
                 self.set_health(Some(e));
-                self.role_credentials().await
+                self.resolve(Reason::Poll).await
             }
-            // No role any more, or a configuration failure: reload, which
-            // withdraws the credentials and publishes the state.
-            Err(_) => self.load(Reason::Poll).await,
-        }
-    }
-
-    /// Records whether IMDS is answering, for subscribers: a failing IMDS
-    /// while the cached credentials are valid is `Active` with `last_error`.
-    fn set_health(&self, error: Option<Error>) {
-        let state = {
-            let mut cache = self.inner.cache.write().unwrap_or_else(|e| e.into_inner());
-            let Some(cached) = cache.as_mut() else { return };
-            let now = shift(self.inner.clock.now(), cached.skew_secs);
-            if cached.current.credentials.expiration() <= now {
-                return;
-            }
-            // Only `last_error` changes: the lock-free view stays as it is.
-            cached.last_error = error.clone();
-            ProviderState::Active {
-                current: cached.current.clone(),
-                last_error: error,
-            }
+            // Another role, no role any more, or a configuration failure:
+            // reload, which follows the new role or withdraws the credentials.
+            _ => self.load(Reason::Poll).await,
         };
-        self.publish(state);
+        entry.map(|e| e.current.clone())
     }
 
     /// Marks the cached credentials as unusable (an AWS service answered
     /// `ExpiredToken` or `InvalidToken`): the next call refreshes.
     pub fn invalidate(&self) {
-        self.inner.invalidated.store(true, Ordering::Release);
+        let windows = self.inner.windows;
+        self.inner.cache.update(|entry| {
+            let next = entry.map(|e| {
+                let timing = Timing {
+                    invalidated: true,
+                    ..e.timing
+                };
+                Arc::new(e.with_timing(timing, &windows))
+            });
+            (next, ())
+        });
     }
 
     /// A receiver of every state change: role and credentials, no role, or
@@ -368,120 +331,111 @@ impl ImdsCredentialsProvider {
 
     /// The last good credentials, if any (even expired).
     pub fn last_good(&self) -> Option<RoleCredentials> {
-        self.snapshot().map(|c| c.current)
+        self.inner.cache.get().map(|e| e.current.clone())
     }
 
-    /// The cached path: `read` applied to the published view when the cache
-    /// would hand out its credentials unchecked at `now`, without taking a
-    /// lock. Equivalent to the first return of
-    /// [`role_credentials`](Self::role_credentials).
-    fn fresh_at<T>(&self, now: SystemTime, read: impl FnOnce(&Fresh) -> T) -> Option<T> {
-        if self.inner.invalidated.load(Ordering::Acquire) {
-            return None;
-        }
-        let fresh = self.inner.fresh.load();
-        let fresh = fresh.as_ref()?;
-        (now < fresh.until).then(|| read(fresh))
+    /// The cached path: `read` applied to the entry when the policy says
+    /// serve it without asking. No lock, no reference count written.
+    #[inline]
+    fn cached<T>(&self, read: impl FnOnce(&Entry) -> T) -> Option<T> {
+        let entry = self.inner.cache.peek();
+        let entry = entry.as_ref()?;
+        (self.inner.clock.now() < entry.schedule.serve_until).then(|| read(entry))
     }
 
-    /// The fresh credentials as this thread's own copy (see `THREAD_COPY`):
-    /// two atomic loads, a clock reading and a thread-local reference count.
-    fn fresh_thread_copy(&self) -> Option<crate::Credentials> {
-        let inner = &self.inner;
-        if inner.invalidated.load(Ordering::Acquire) {
-            return None;
-        }
-        let id = inner.fresh_id.load(Ordering::Acquire);
-        if id == 0 {
-            return None;
-        }
-        let now = inner.clock.now();
-        let hit = THREAD_COPY.try_with(|slot| match &*slot.borrow() {
-            Some(copy) if copy.id == id && now < copy.until => Some(copy.credentials.clone()),
-            _ => None,
-        });
-        if let Ok(Some(credentials)) = hit {
-            return Some(credentials);
-        }
-        // A new `Fresh` since this thread last asked (or none yet): copy it.
-        self.fresh_at(now, |fresh| {
-            let credentials = fresh.current.credentials.deep_copy();
-            let stored = THREAD_COPY.try_with(|slot| {
-                *slot.borrow_mut() = Some(ThreadCopy {
-                    id: fresh.id,
-                    until: fresh.until,
-                    credentials: credentials.clone(),
-                });
-            });
-            // While this thread is exiting its locals are gone: share instead.
-            match stored {
-                Ok(()) => credentials,
-                Err(_) => (*fresh.current.credentials).clone(),
+    /// The slow path: what the policy says for the entry cached now.
+    async fn resolve(&self, reason: Reason) -> Result<Arc<Entry>, Error> {
+        let Some(entry) = self.inner.cache.get() else {
+            if let Some(error) = self.recent_non_recoverable_failure() {
+                return Err(error);
             }
-        })
+            return self.load(Reason::Cold).await;
+        };
+        match policy::decide(&entry.schedule, self.inner.clock.now()) {
+            Decision::Serve => Ok(entry),
+            Decision::RefreshInBackground => {
+                self.spawn_background_refresh();
+                Ok(entry)
+            }
+            Decision::LoadNow => {
+                let reason = if entry.timing.invalidated {
+                    Reason::Requested
+                } else {
+                    reason
+                };
+                self.load(reason).await
+            }
+        }
     }
 
-    /// Republishes the lock-free view of `cache`; called with its write lock held.
-    fn republish_fresh(&self, cache: &Option<Cached>) {
-        let fresh = cache.as_ref().and_then(|c| {
-            // `role_credentials` answers unchecked while, on IMDS time,
-            // now < expires - advisory, or now < min(not_before, expires).
-            let advisory = c.expires.checked_sub(self.advisory_window(c));
-            let blocked = c.not_before.map(|t| t.min(c.expires));
-            let until = match (advisory, blocked) {
-                (Some(a), Some(b)) => a.max(b),
-                (a, b) => a.or(b)?,
-            };
-            Some(Arc::new(Fresh {
-                id: NEXT_FRESH_ID.fetch_add(1, Ordering::Relaxed),
-                current: c.current.clone(),
-                until: shift(until, -c.skew_secs),
-            }))
+    /// The credentials for the AWS SDK when the policy says serve them as
+    /// they are (see [`sdk`]).
+    #[inline]
+    pub(crate) fn cached_sdk(&self) -> Option<aws_credential_types::Credentials> {
+        self.cached(|e| e.shard().sdk.clone())
+    }
+
+    /// The AWS SDK's credentials, by the slow path.
+    pub(crate) async fn resolve_sdk(&self) -> Result<aws_credential_types::Credentials, Error> {
+        self.resolve(Reason::Mandatory)
+            .await
+            .map(|e| e.shard().sdk.clone())
+    }
+
+    /// The AWS SDK's form of the last good credentials, if any.
+    pub(crate) fn last_good_sdk(&self) -> Option<aws_credential_types::Credentials> {
+        self.inner.cache.get().map(|e| e.shard().sdk.clone())
+    }
+
+    /// Records whether IMDS is answering, for subscribers: a failing IMDS
+    /// while the cached credentials are valid is `Active` with `last_error`.
+    fn set_health(&self, error: Option<Error>) {
+        let Some(entry) = self.inner.cache.get() else {
+            return;
+        };
+        if entry.real_expiry() <= entry.server_time(self.inner.clock.now()) {
+            return;
+        }
+        self.publish(ProviderState::Active {
+            current: entry.current.clone(),
+            last_error: error,
         });
-        let id = fresh.as_ref().map_or(0, |f| f.id);
-        self.inner.fresh.store(fresh);
-        self.inner.fresh_id.store(id, Ordering::Release);
     }
 
-    fn snapshot(&self) -> Option<Cached> {
-        self.inner
-            .cache
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn recent_failure(&self) -> Option<Result<RoleCredentials, Error>> {
+    /// A role check's `Date` re-measures the skew of the cached entry.
+    fn remeasure_skew(&self, fetched: &FetchedRole) {
         let now = self.inner.clock.now();
-        let outcome = self
+        let skew_secs = policy::measure_skew(fetched.server_time, now);
+        let windows = self.inner.windows;
+        self.inner.cache.update(|entry| {
+            let next = entry.map(|e| {
+                if e.timing.skew_secs == skew_secs || e.current.role != fetched.role {
+                    return e;
+                }
+                warn_on_skew_change(e.timing.skew_secs, skew_secs);
+                let timing = Timing {
+                    skew_secs,
+                    ..e.timing
+                };
+                Arc::new(e.with_timing(timing, &windows))
+            });
+            (next, ())
+        });
+    }
+
+    fn recent_non_recoverable_failure(&self) -> Option<Error> {
+        let now = self.inner.clock.now();
+        let last = self
             .inner
-            .last_outcome
+            .last_failure
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        match outcome.as_ref() {
-            Some((Err(e), at)) if !e.is_transient() && now < *at + NON_RECOVERABLE_FAILURE_TTL => {
-                Some(Err(e.clone()))
+        match last.as_ref() {
+            Some((e, at)) if !e.is_transient() && now < *at + NON_RECOVERABLE_FAILURE_TTL => {
+                Some(e.clone())
             }
             _ => None,
         }
-    }
-
-    fn server_now(&self, cached: &Cached) -> SystemTime {
-        shift(self.inner.clock.now(), cached.skew_secs)
-    }
-
-    fn advisory_window(&self, cached: &Cached) -> Duration {
-        self.inner.advisory.unwrap_or_else(|| {
-            (cached.lifetime / 2)
-                .min(DEFAULT_MAX_ADVISORY_REFRESH_WINDOW)
-                .mul_f64(self.inner.jitter)
-        })
-    }
-
-    fn mandatory_window(&self, cached: &Cached) -> Duration {
-        self.inner
-            .mandatory
-            .unwrap_or_else(|| DEFAULT_MANDATORY_REFRESH_WINDOW.min(cached.lifetime / 10))
     }
 
     fn spawn_background_refresh(&self) {
@@ -490,208 +444,148 @@ impl ImdsCredentialsProvider {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            if let Some(cached) = this.snapshot() {
-                let _ = this.load_or_keep(cached, Reason::Advisory).await;
-            }
+            let _ = this.load(Reason::Advisory).await;
             this.inner.refreshing.store(false, Ordering::Release);
         });
     }
 
-    /// Loads; on a transient failure with static stability on, keeps serving
-    /// `cached` (extended past expiry, with a backoff before the next try).
-    async fn load_or_keep(&self, cached: Cached, reason: Reason) -> Result<RoleCredentials, Error> {
-        match self.load(reason).await {
-            Ok(current) => Ok(current),
-            Err(e)
-                if e.is_transient()
-                    && (self.inner.static_stability
-                        || self.snapshot().is_some_and(|c| {
-                            c.current.credentials.expiration() > self.server_now(&c)
-                        })) =>
-            {
-                // The cache may have been updated by the failed load's bookkeeping.
-                Ok(self.snapshot().map(|c| c.current).unwrap_or(cached.current))
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// One load at a time; callers that waited take the result of the load
-    /// that ran while they waited.
-    async fn load(&self, reason: Reason) -> Result<RoleCredentials, Error> {
+    /// One load at a time; callers that waited take what the load that ran
+    /// while they waited left in the cache. A failure keeps or withdraws
+    /// what is cached when it happens, never anything read before.
+    async fn load(&self, reason: Reason) -> Result<Arc<Entry>, Error> {
         let inner = &self.inner;
         let generation = inner.generation.load(Ordering::Acquire);
         let _guard = inner.load_lock.lock().await;
-        if inner.generation.load(Ordering::Acquire) != generation
-            && let Some((outcome, _)) = inner
-                .last_outcome
+        if inner.generation.load(Ordering::Acquire) != generation {
+            if let Some(entry) = inner.cache.get() {
+                return Ok(entry);
+            }
+            if let Some((error, _)) = inner
+                .last_failure
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone()
-        {
-            return outcome;
+            {
+                return Err(error);
+            }
         }
         tracing::debug!(?reason, "loading instance-role credentials");
-        let outcome = self.load_uncached().await;
-        *inner.last_outcome.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((outcome.clone(), inner.clock.now()));
+        let outcome = match self.fetch().await {
+            Ok(entry) => Ok(entry),
+            Err(error) => match self.record_failure(error) {
+                Failed::Kept(entry) => Ok(entry),
+                Failed::Withdrawn(error) => Err(error),
+            },
+        };
         inner.generation.fetch_add(1, Ordering::AcqRel);
         outcome
     }
 
-    async fn load_uncached(&self) -> Result<RoleCredentials, Error> {
+    /// Fetches the role and its credentials and caches them.
+    async fn fetch(&self) -> Result<Arc<Entry>, Error> {
         let inner = &self.inner;
-        let fetched = async {
-            let role = inner.source.role_name().await?;
-            let fetched = inner.source.role_credentials(&role).await?;
-            Ok::<_, Error>((role, fetched))
-        }
-        .await;
-        let (role, fetched) = match fetched {
-            Ok(ok) => ok,
-            Err(error) => return Err(self.record_failure(error)),
-        };
-        let local_now = inner.clock.now();
-        let skew_secs = fetched
-            .server_time
-            .map(|server| signed_secs(server, local_now))
-            .unwrap_or(0);
-        if skew_secs.unsigned_abs() > CLOCK_SKEW_WARNING.as_secs() {
-            tracing::warn!(
-                skew_seconds = skew_secs,
-                "the local clock differs from IMDS's; scheduling refreshes on IMDS time"
-            );
-        }
-        let server_now = shift(local_now, skew_secs);
+        let role = inner.source.role_name().await?.role;
+        let fetched = inner.source.role_credentials(&role).await?;
+        let now = inner.clock.now();
+        let skew_secs = policy::measure_skew(fetched.server_time, now);
         let credentials = fetched.credentials;
-        let real_expiry = credentials.expiration();
-        let lifetime = real_expiry
-            .duration_since(credentials.last_updated().unwrap_or(server_now))
-            .unwrap_or_default()
-            .max(Duration::from_secs(1));
-        let previous = self.snapshot();
-        let unchanged = previous.as_ref().is_some_and(|p| {
-            p.current.role == role
-                && p.current.credentials.access_key_id() == credentials.access_key_id()
+        let (entry, changed) = inner.cache.update(|previous| {
+            let unchanged = previous.as_ref().is_some_and(|p| {
+                p.current.role == role
+                    && p.current.credentials.access_key_id() == credentials.access_key_id()
+            });
+            warn_on_skew_change(
+                previous.as_ref().map_or(0, |p| p.timing.skew_secs),
+                skew_secs,
+            );
+            let timing = policy::after_fetch(
+                &credentials,
+                skew_secs,
+                unchanged,
+                now,
+                policy::static_stability_wait(),
+            );
+            let entry = Arc::new(Entry::new(
+                RoleCredentials {
+                    role,
+                    credentials: Arc::new(credentials),
+                },
+                timing,
+                &inner.windows,
+                inner.shards,
+            ));
+            (Some(entry.clone()), (entry, !unchanged))
         });
-        let (expires, not_before) = if real_expiry <= server_now {
-            let wait = static_stability_wait();
+        *inner.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let current = &entry.current;
+        if entry.real_expiry() <= entry.server_time(now) {
             tracing::warn!(
-                role = %role,
-                expiration = %format_rfc3339(real_expiry),
+                role = %current.role,
+                expiration = %format_rfc3339(entry.real_expiry()),
                 "IMDS returned expired credentials; using them for a few more minutes. \
                  Hint: IMDS should rotate them; if this persists, check the instance's IAM role"
             );
-            (server_now + wait, Some(server_now + wait))
-        } else if unchanged {
-            (real_expiry, Some(server_now + UNCHANGED_RETRY_INTERVAL))
-        } else {
-            (real_expiry, None)
-        };
-        if !unchanged {
+        } else if changed {
             tracing::info!(
-                role = %role,
-                access_key_id = %credentials.access_key_id(),
-                expiration = %format_rfc3339(real_expiry),
+                role = %current.role,
+                access_key_id = %current.credentials.access_key_id(),
+                expiration = %format_rfc3339(entry.real_expiry()),
                 "fetched instance-role credentials"
             );
-        }
-        let current = RoleCredentials {
-            role,
-            credentials: Arc::new(credentials),
-        };
-        let cached = Cached {
-            current: current.clone(),
-            expires,
-            lifetime,
-            skew_secs,
-            not_before,
-            last_error: None,
-        };
-        {
-            let mut cache = inner.cache.write().unwrap_or_else(|e| e.into_inner());
-            *cache = Some(cached);
-            self.republish_fresh(&cache);
         }
         self.publish(ProviderState::Active {
             current: current.clone(),
             last_error: None,
         });
-        Ok(current)
+        Ok(entry)
     }
 
-    /// Updates the cache and state after a failed load; returns the error.
-    fn record_failure(&self, error: Error) -> Error {
+    /// Applies a failed load to what is cached now (kept or withdrawn, by
+    /// [`policy::after_failure`]) and publishes the state.
+    fn record_failure(&self, error: Error) -> Failed {
         self.observe_failure(&error);
         let inner = &self.inner;
         let hint = error.hint();
-        let mut cache = inner.cache.write().unwrap_or_else(|e| e.into_inner());
-        // Transient failures never throw away credentials that are still
-        // valid; static stability additionally keeps serving them past expiry.
-        let keep = error.is_transient()
-            && cache.as_ref().is_some_and(|c| {
-                inner.static_stability
-                    || c.current.credentials.expiration() > shift(inner.clock.now(), c.skew_secs)
-            });
-        if keep {
-            let cached = cache.as_mut().expect("checked above");
-            let server_now = shift(inner.clock.now(), cached.skew_secs);
-            if !inner.static_stability {
-                // Serve them until their real expiry, asking IMDS on each call
-                // in the mandatory window (single flight keeps that to one load).
-                cached.not_before = None;
-                tracing::warn!(error = %error, hint, "IMDS refresh failed; the cached credentials are still valid");
-            } else if cached.expires <= server_now + self.mandatory_window(cached) {
-                let wait = static_stability_wait();
-                let still_valid = cached.current.credentials.expiration() > server_now;
-                if !still_valid {
-                    // Past the real expiry: extend locally, back off.
-                    cached.expires = server_now + wait;
+        let now = inner.clock.now();
+        *inner.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some((error.clone(), now));
+        let wait = policy::static_stability_wait();
+        let (kept, withdrawn) = inner.cache.update(|entry| {
+            let cached = entry.as_ref().map(|e| (e.timing, e.real_expiry()));
+            match policy::after_failure(cached, error.is_transient(), now, &inner.windows, wait) {
+                AfterFailure::Keep(timing) => {
+                    let entry = entry.expect("only a cached entry is kept");
+                    let kept = Arc::new(entry.with_timing(timing, &inner.windows));
+                    (Some(kept.clone()), (Some(kept), None))
                 }
-                cached.not_before = Some(
-                    server_now
-                        + wait.min(cached.expires.duration_since(server_now).unwrap_or(wait)),
-                );
+                AfterFailure::Withdraw => (None, (None, entry)),
+            }
+        });
+        if let Some(kept) = kept {
+            let server_now = kept.server_time(now);
+            let state = if kept.real_expiry() <= server_now {
                 tracing::warn!(
                     error = %error,
                     hint,
-                    retry_in_seconds = wait.as_secs(),
-                    "IMDS refresh failed; serving the last good credentials"
+                    retry_in_seconds = kept.timing.hold_until.and_then(|h| h.duration_since(now).ok()).unwrap_or_default().as_secs(),
+                    "IMDS refresh failed; serving the last good credentials past their expiry"
                 );
-            } else {
-                // Still before the mandatory window: try again a little later,
-                // but no later than the start of that window.
-                let until_mandatory = cached
-                    .expires
-                    .duration_since(server_now + self.mandatory_window(cached))
-                    .unwrap_or_default();
-                cached.not_before = Some(server_now + ADVISORY_RETRY_INTERVAL.min(until_mandatory));
-                tracing::warn!(error = %error, hint, "IMDS refresh failed; the cached credentials are still valid");
-            }
-            cached.last_error = Some(error.clone());
-            let expired = cached.current.credentials.expiration() <= server_now;
-            let state = if expired {
                 ProviderState::Unavailable {
-                    error: error.clone(),
-                    stale: Some(cached.current.clone()),
+                    error,
+                    stale: Some(kept.current.clone()),
                 }
             } else {
+                tracing::warn!(error = %error, hint, "IMDS refresh failed; the cached credentials are still valid");
                 ProviderState::Active {
-                    current: cached.current.clone(),
-                    last_error: Some(error.clone()),
+                    current: kept.current.clone(),
+                    last_error: Some(error),
                 }
             };
-            self.republish_fresh(&cache);
-            drop(cache);
             self.publish(state);
-            return error;
+            return Failed::Kept(kept);
         }
-        let previous = cache.take();
-        self.republish_fresh(&cache);
-        drop(cache);
         let state = match error.kind() {
             ErrorKind::NoRoleAttached => {
-                if let Some(previous) = &previous {
+                if let Some(previous) = &withdrawn {
                     tracing::warn!(role = %previous.current.role, hint, "the IAM role was detached; credentials withdrawn");
                 } else {
                     tracing::info!(hint, "no IAM role is attached");
@@ -702,16 +596,12 @@ impl ImdsCredentialsProvider {
                 tracing::warn!(error = %error, hint, "could not load instance-role credentials");
                 ProviderState::Unavailable {
                     error: error.clone(),
-                    stale: if error.is_transient() {
-                        previous.map(|p| p.current)
-                    } else {
-                        None
-                    },
+                    stale: None,
                 }
             }
         };
         self.publish(state);
-        error
+        Failed::Withdrawn(error)
     }
 
     fn observe_failure(&self, error: &Error) {
@@ -726,6 +616,18 @@ impl ImdsCredentialsProvider {
             *old = state;
             changed
         });
+    }
+}
+
+/// Logs a skew that newly crosses [`CLOCK_SKEW_WARNING`] (not every reading:
+/// a steady skew is reported once).
+fn warn_on_skew_change(old: i64, new: i64) {
+    let warn = CLOCK_SKEW_WARNING.as_secs();
+    if new.unsigned_abs() > warn && old.abs_diff(new) > warn {
+        tracing::warn!(
+            skew_seconds = new,
+            "the local clock differs from IMDS's; scheduling refreshes on IMDS time"
+        );
     }
 }
 
@@ -754,25 +656,5 @@ fn same_state(a: &ProviderState, b: &ProviderState) -> bool {
             },
         ) => ex.kind() == ey.kind() && x == y,
         _ => false,
-    }
-}
-
-fn static_stability_wait() -> Duration {
-    let span = STATIC_STABILITY_MAX_WAIT - STATIC_STABILITY_MIN_WAIT;
-    STATIC_STABILITY_MIN_WAIT + span.mul_f64(fastrand::f64())
-}
-
-fn signed_secs(a: SystemTime, b: SystemTime) -> i64 {
-    match a.duration_since(b) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    }
-}
-
-fn shift(t: SystemTime, secs: i64) -> SystemTime {
-    if secs >= 0 {
-        t + Duration::from_secs(secs.unsigned_abs())
-    } else {
-        t - Duration::from_secs(secs.unsigned_abs())
     }
 }

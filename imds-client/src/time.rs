@@ -3,12 +3,15 @@
 //! Credential expiry is wall-clock time (`Expiration` in the IMDS JSON), but
 //! `tokio::time::pause()` only moves tokio's monotonic clock, never
 //! [`SystemTime`]. Every "is it stale?" question in this crate therefore asks a
-//! [`TimeSource`], and tests hand in a [`ManualTimeSource`] that they move
+//! [`TimeSource`], and tests hand in a `ManualTimeSource` (feature
+//! `test-util`) that they move
 //! together with tokio's paused clock. `clippy.toml` forbids
 //! `SystemTime::now` everywhere else, so nothing can bypass it by accident.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+#[cfg(any(test, feature = "test-util"))]
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 /// A source of wall-clock time.
@@ -74,13 +77,15 @@ impl TimeSource for SharedTimeSource {
     }
 }
 
-/// A wall clock that only moves when told to, for tests.
+/// A wall clock that only moves when told to, for tests (feature `test-util`).
 ///
 /// Clones share the same time, so a test keeps one handle and gives another to
 /// the code under test.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Clone)]
 pub struct ManualTimeSource(Arc<Mutex<SystemTime>>);
 
+#[cfg(any(test, feature = "test-util"))]
 impl ManualTimeSource {
     /// A clock stopped at `start`.
     pub fn new(start: SystemTime) -> Self {
@@ -99,6 +104,7 @@ impl ManualTimeSource {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl TimeSource for ManualTimeSource {
     fn now(&self) -> SystemTime {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())

@@ -2,10 +2,12 @@
 //! clock and a manual wall clock moved together.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use aws_credential_types::provider::ProvideCredentials;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use imds_client::provider::{BoxFuture, FetchedCredentials};
+use imds_client::provider::{BoxFuture, FetchedCredentials, FetchedRole};
 use imds_client::{
     Credentials, CredentialsSource, Error, ErrorKind, ImdsCredentialsProvider, ManualTimeSource,
     ProviderState, SharedTimeSource, TimeSource,
@@ -43,6 +45,11 @@ impl Fake {
     fn set_role(&self, role: Result<&str, ErrorKind>) {
         *self.role.lock().unwrap() = role.map(str::to_owned);
     }
+    fn server_time(&self) -> Option<SystemTime> {
+        self.server_ahead
+            .as_ref()
+            .map(|(clock, ahead)| clock.now() + *ahead)
+    }
     fn calls(&self) -> (usize, usize) {
         (
             self.role_calls.load(Ordering::SeqCst),
@@ -52,11 +59,19 @@ impl Fake {
 }
 
 impl CredentialsSource for Fake {
-    fn role_name(&self) -> BoxFuture<'_, Result<String, Error>> {
+    fn role_name(&self) -> BoxFuture<'_, Result<FetchedRole, Error>> {
         Box::pin(async move {
             self.role_calls.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(self.delay).await;
-            self.role.lock().unwrap().clone().map_err(Error::new)
+            self.role
+                .lock()
+                .unwrap()
+                .clone()
+                .map(|role| FetchedRole {
+                    role,
+                    server_time: self.server_time(),
+                })
+                .map_err(Error::new)
         })
     }
     fn role_credentials<'a>(
@@ -77,10 +92,7 @@ impl CredentialsSource for Fake {
                 .clone()
                 .map(|credentials| FetchedCredentials {
                     credentials,
-                    server_time: self
-                        .server_ahead
-                        .as_ref()
-                        .map(|(clock, ahead)| clock.now() + *ahead),
+                    server_time: self.server_time(),
                 })
                 .map_err(Error::new)
         })
@@ -349,11 +361,11 @@ async fn invalidate_forces_a_refresh() {
 #[tokio::test(start_paused = true)]
 #[tracing_test::traced_test]
 async fn refreshes_are_scheduled_on_imds_time_when_the_local_clock_is_behind() {
-    // The local clock is 25 minutes behind IMDS.
+    // The local clock is 10 minutes behind IMDS (within MAX_CLOCK_SKEW).
     let clock = ManualTimeSource::new(start());
-    let server_start = start() + 25 * MINUTE;
+    let server_start = start() + 10 * MINUTE;
     let mut fake = Fake::new("r", creds("AKID1", server_start, HOUR));
-    fake.server_ahead = Some((clock.clone(), 25 * MINUTE));
+    fake.server_ahead = Some((clock.clone(), 10 * MINUTE));
     let provider = provider(&fake, &clock);
     provider.credentials().await.unwrap();
     assert!(
@@ -361,7 +373,7 @@ async fn refreshes_are_scheduled_on_imds_time_when_the_local_clock_is_behind() {
         "a skew warning is logged"
     );
 
-    // 45 minutes on: local time says 40 minutes remain (outside the
+    // 45 minutes on: local time says 25 minutes remain (outside the
     // 20-minute advisory window), IMDS time says 15: a refresh must start.
     fake.set_creds(Ok(creds("AKID2", server_start + 45 * MINUTE, HOUR)));
     advance(&clock, 45 * MINUTE).await;
@@ -408,39 +420,70 @@ async fn by_default_six_hour_credentials_are_replaced_with_more_than_fifteen_min
     assert_eq!(fresh.calls(), (1, 1));
 }
 
+/// Replaces the test of the removed `static_stability(false)`: a failing
+/// refresh never drops valid credentials in either window, says so in the
+/// published state, and does not ask IMDS on every call.
 #[tokio::test(start_paused = true)]
-async fn without_static_stability_valid_credentials_are_kept_until_their_real_expiry() {
+async fn a_failing_refresh_keeps_the_credentials_through_both_windows_and_past_expiry() {
     let clock = ManualTimeSource::new(start());
     let fake = Fake::new("r", creds("AKID1", start(), HOUR));
-    let provider = ImdsCredentialsProvider::builder()
-        .source(fake.clone())
-        .time_source(SharedTimeSource::new(clock.clone()))
-        .advisory_refresh_window(20 * MINUTE)
-        .static_stability(false)
-        .build();
+    let provider = provider(&fake, &clock);
+    let state = provider.subscribe();
     provider.credentials().await.unwrap();
     fake.set_creds(Err(ErrorKind::ServerError { status: 503 }));
-    // Advisory window: a failed background refresh must not drop them.
+    let failing = |state: &ProviderState| match state {
+        ProviderState::Active {
+            current,
+            last_error: Some(e),
+        } => {
+            current.credentials.access_key_id() == "AKID1"
+                && e.kind() == &ErrorKind::ServerError { status: 503 }
+        }
+        _ => false,
+    };
+
+    // Advisory window: the background refresh fails; the credentials stay.
     advance(&clock, 45 * MINUTE).await;
     assert_eq!(
         provider.credentials().await.unwrap().access_key_id(),
         "AKID1"
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(fake.calls(), (2, 2), "one background refresh");
+    assert!(failing(&state.borrow()), "state: {:?}", *state.borrow());
     assert_eq!(
         provider.credentials().await.unwrap().access_key_id(),
         "AKID1"
     );
-    // Mandatory window: still valid, still served.
+
+    // Mandatory window: the caller's own load fails; the credentials stay,
+    // and the next calls do not ask again (backoff).
     advance(&clock, 14 * MINUTE + 30 * Duration::from_secs(1)).await;
+    for _ in 0..10 {
+        assert_eq!(
+            provider.credentials().await.unwrap().access_key_id(),
+            "AKID1"
+        );
+    }
+    assert_eq!(
+        fake.calls(),
+        (3, 3),
+        "one load in the mandatory window, then a backoff"
+    );
+    assert!(failing(&state.borrow()), "state: {:?}", *state.borrow());
+
+    // Past the real expiry: still served (static stability), and the state
+    // says they are stale.
+    advance(&clock, 11 * MINUTE).await;
     assert_eq!(
         provider.credentials().await.unwrap().access_key_id(),
         "AKID1"
     );
-    // Past the real expiry: no static stability, so an error.
-    advance(&clock, MINUTE).await;
-    let err = provider.credentials().await.unwrap_err();
-    assert_eq!(err.kind(), &ErrorKind::ServerError { status: 503 });
+    assert!(
+        matches!(&*state.borrow(), ProviderState::Unavailable { stale: Some(s), .. } if s.credentials.access_key_id() == "AKID1"),
+        "state: {:?}",
+        *state.borrow()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -524,6 +567,11 @@ async fn every_thread_sees_a_rotation() {
                     for _ in 0..10 {
                         let got = rt.block_on(provider.credentials()).unwrap();
                         assert_eq!(got.access_key_id(), expected);
+                        // The SDK trait hands out the same credentials (each
+                        // thread's copy, converted once per fetch).
+                        let sdk = rt.block_on(provider.provide_credentials()).unwrap();
+                        assert_eq!(sdk.access_key_id(), expected);
+                        assert_eq!(sdk.secret_access_key(), got.secret_access_key());
                     }
                 });
             }
@@ -534,4 +582,189 @@ async fn every_thread_sees_a_rotation() {
     fake.set_creds(Ok(creds("AKID2", clock.now(), 6 * HOUR)));
     provider.refresh_now().await.unwrap();
     on_threads("AKID2");
+}
+
+/// A source that answers each role-name request from a script, in order;
+/// a step may first wait for the test to release it.
+#[derive(Debug, Clone)]
+struct Scripted {
+    roles: Arc<Mutex<std::collections::VecDeque<RoleStep>>>,
+    creds: Arc<Mutex<Result<Credentials, ErrorKind>>>,
+    /// Told when a gated step has been reached.
+    entered: Arc<tokio::sync::Notify>,
+}
+
+#[derive(Debug)]
+struct RoleStep {
+    gate: Option<Arc<tokio::sync::Notify>>,
+    answer: Result<String, ErrorKind>,
+}
+
+impl Scripted {
+    fn new(creds: Credentials, steps: Vec<RoleStep>) -> Self {
+        Self {
+            roles: Arc::new(Mutex::new(steps.into())),
+            creds: Arc::new(Mutex::new(Ok(creds))),
+            entered: Arc::default(),
+        }
+    }
+}
+
+fn step(answer: Result<&str, ErrorKind>) -> RoleStep {
+    RoleStep {
+        gate: None,
+        answer: answer.map(str::to_owned),
+    }
+}
+
+impl CredentialsSource for Scripted {
+    fn role_name(&self) -> BoxFuture<'_, Result<FetchedRole, Error>> {
+        Box::pin(async move {
+            let step = self
+                .roles
+                .lock()
+                .unwrap()
+                .pop_front()
+                .expect("the test scripted this many role requests");
+            if let Some(gate) = step.gate {
+                self.entered.notify_one();
+                gate.notified().await;
+            }
+            step.answer
+                .map(|role| FetchedRole {
+                    role,
+                    server_time: None,
+                })
+                .map_err(Error::new)
+        })
+    }
+    fn role_credentials<'a>(
+        &'a self,
+        _role: &'a str,
+    ) -> BoxFuture<'a, Result<FetchedCredentials, Error>> {
+        Box::pin(async move {
+            self.creds
+                .lock()
+                .unwrap()
+                .clone()
+                .map(|credentials| FetchedCredentials {
+                    credentials,
+                    server_time: None,
+                })
+                .map_err(Error::new)
+        })
+    }
+}
+
+/// A poll checks the role and finds it replaced, so it loads; meanwhile
+/// another poll finds the role detached and withdraws the credentials; then
+/// the first poll's own load fails transiently. The detached role's
+/// credentials must not come back: not to the caller, not from the cache,
+/// not in the published state.
+#[tokio::test(start_paused = true)]
+async fn a_transient_failure_after_a_detach_never_hands_out_the_detached_roles_credentials() {
+    let clock = ManualTimeSource::new(start());
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let fake = Scripted::new(
+        creds("AKIDDETACHED", start(), 6 * HOUR),
+        vec![
+            // The first load.
+            step(Ok("first")),
+            // Poll A's role check: the role was replaced (held until released).
+            RoleStep {
+                gate: Some(gate.clone()),
+                answer: Ok("second".into()),
+            },
+            // Poll B's role check and its load: no role any more.
+            step(Err(ErrorKind::NoRoleAttached)),
+            step(Err(ErrorKind::NoRoleAttached)),
+            // Poll A's own load: a transient failure.
+            step(Err(ErrorKind::ServerError { status: 503 })),
+        ],
+    );
+    let provider = ImdsCredentialsProvider::builder()
+        .source(fake.clone())
+        .time_source(SharedTimeSource::new(clock.clone()))
+        .build();
+    let state = provider.subscribe();
+    assert_eq!(
+        provider.credentials().await.unwrap().access_key_id(),
+        "AKIDDETACHED"
+    );
+
+    let a = tokio::spawn({
+        let provider = provider.clone();
+        async move { provider.poll().await }
+    });
+    fake.entered.notified().await;
+    let b = provider.poll().await;
+    assert_eq!(
+        b.unwrap_err().kind(),
+        &ErrorKind::NoRoleAttached,
+        "poll B sees the detach"
+    );
+    assert!(matches!(&*state.borrow(), ProviderState::NoRole));
+
+    gate.notify_one();
+    let a = a.await.unwrap();
+    match &a {
+        Ok(rc) => panic!(
+            "poll A must fail (503 with nothing left to keep), but it handed out {} of role {}",
+            rc.credentials.access_key_id(),
+            rc.role
+        ),
+        Err(e) => assert_eq!(e.kind(), &ErrorKind::ServerError { status: 503 }),
+    }
+    assert!(
+        provider.last_good().is_none(),
+        "nothing cached after the detach"
+    );
+    let published = state.borrow().clone();
+    assert!(
+        published.current().is_none(),
+        "no credentials published after the detach, saw {published:?}"
+    );
+    assert!(
+        fake.roles.lock().unwrap().is_empty(),
+        "every scripted role request was made"
+    );
+}
+
+/// `builder().build()` without a client builds the default one and never
+/// panics: an invalid setting in the environment becomes every call's error,
+/// naming the setting. The check runs in a child process (this test binary,
+/// the ignored test below) whose environment this test sets.
+#[test]
+fn build_without_a_client_never_panics_and_reports_a_bad_setting() {
+    let child = "a_bad_setting_in_the_environment_is_every_calls_error";
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", child, "--ignored", "--test-threads=1"])
+        .env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "many")
+        // Loopback only, should the client be built after all.
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
+        .env("AWS_CONFIG_FILE", "/nonexistent/imds-client-test")
+        .output()
+        .unwrap();
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && shown.contains("1 passed"),
+        "expected the child test to run and pass, saw: {shown}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "run in a child process by build_without_a_client_never_panics_and_reports_a_bad_setting"]
+async fn a_bad_setting_in_the_environment_is_every_calls_error() {
+    let provider = ImdsCredentialsProvider::builder().build();
+    for _ in 0..2 {
+        let err = provider.credentials().await.unwrap_err();
+        assert!(
+            matches!(err.kind(), ErrorKind::InvalidConfiguration { setting, .. } if setting == "AWS_METADATA_SERVICE_NUM_ATTEMPTS"),
+            "expected an invalid-configuration error naming AWS_METADATA_SERVICE_NUM_ATTEMPTS, got {err:?}"
+        );
+    }
 }

@@ -2,10 +2,17 @@
 //! Rust resolves our credentials, and no secret reaches the logs.
 #![cfg(feature = "mock")]
 
+use std::time::{Duration, SystemTime};
+
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use imds_client::config::Env;
 use imds_client::mock::{Fault, FaultDuration, MockImds};
-use imds_client::{ErrorKind, ImdsClient, ImdsCredentialsProvider};
+use imds_client::{
+    Credentials, ErrorKind, ImdsClient, ImdsCredentialsProvider, ManualTimeSource, ProviderState,
+    SharedTimeSource,
+};
+
+const MINUTE: Duration = Duration::from_secs(60);
 
 fn provider_for(imds: &MockImds) -> ImdsCredentialsProvider {
     let client = ImdsClient::builder()
@@ -14,7 +21,9 @@ fn provider_for(imds: &MockImds) -> ImdsCredentialsProvider {
         .unwrap()
         .build()
         .unwrap();
-    ImdsCredentialsProvider::builder().source(client).build()
+    ImdsCredentialsProvider::builder()
+        .imds_client(client)
+        .build()
 }
 
 #[tokio::test]
@@ -173,4 +182,118 @@ async fn credentials_load_from_a_moto_like_endpoint_that_answers_500_on_the_exte
         1,
         "the classic path served them"
     );
+}
+
+/// An emulator and a provider (default windows unless `advisory` is given)
+/// on one manual wall clock.
+async fn on_manual_clock(
+    advisory: Option<Duration>,
+) -> (MockImds, ImdsCredentialsProvider, ManualTimeSource) {
+    let clock = ManualTimeSource::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000));
+    let time = SharedTimeSource::new(clock.clone());
+    let imds = MockImds::builder()
+        .role("app-role")
+        .time_source(time.clone())
+        .start()
+        .await
+        .unwrap();
+    let client = ImdsClient::builder()
+        .env(Env::empty())
+        .endpoint(imds.endpoint())
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut builder = ImdsCredentialsProvider::builder()
+        .imds_client(client)
+        .time_source(time);
+    if let Some(window) = advisory {
+        builder = builder.advisory_refresh_window(window);
+    }
+    (imds, builder.build(), clock)
+}
+
+/// Waits (60 s at most) until the provider publishes credentials other
+/// than `old`.
+async fn wait_for_new_credentials(
+    provider: &ImdsCredentialsProvider,
+    old: &Credentials,
+    what: &str,
+) {
+    let mut state = provider.subscribe();
+    let replaced = |s: &ProviderState| {
+        s.current()
+            .is_some_and(|c| c.credentials.access_key_id() != old.access_key_id())
+    };
+    if tokio::time::timeout(Duration::from_secs(60), state.wait_for(replaced))
+        .await
+        .is_err()
+    {
+        panic!(
+            "{what}: expected a refresh to credentials other than {} within 60 s; the state stayed {:?}",
+            old.access_key_id(),
+            *state.borrow()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_date_three_years_off_on_one_response_does_not_stall_refresh() {
+    let three_years: i64 = 3 * 365 * 24 * 3600;
+    for skew in [-three_years, three_years] {
+        let (imds, provider, clock) = on_manual_clock(None).await;
+        imds.set_clock_skew(skew);
+        let first = provider.credentials().await.unwrap();
+        imds.set_clock_skew(0);
+        let requests = imds.request_counts().total;
+        // Still fresh on the local clock: served from the cache whatever
+        // that one Date said (3 years ahead would have made them look expired).
+        assert_eq!(
+            provider.credentials().await.unwrap().access_key_id(),
+            first.access_key_id(),
+            "skew {skew} s: fresh credentials are served from the cache"
+        );
+        assert_eq!(
+            imds.request_counts().total,
+            requests,
+            "skew {skew} s: no request while fresh"
+        );
+
+        // 15 minutes before expiry is inside the default advisory window
+        // (24 to 30 minutes for six-hour credentials): served at once, and a
+        // background refresh fetches the emulator's newer credentials.
+        clock.set(first.expiration() - 15 * MINUTE);
+        assert_eq!(
+            provider.credentials().await.unwrap().access_key_id(),
+            first.access_key_id(),
+            "skew {skew} s: the advisory window serves the cached credentials at once"
+        );
+        wait_for_new_credentials(&provider, &first, &format!("a Date {skew} s off")).await;
+    }
+}
+
+#[tokio::test]
+async fn a_role_check_remeasures_the_clock_skew() {
+    let (imds, provider, clock) = on_manual_clock(Some(20 * MINUTE)).await;
+    let first = provider.credentials().await.unwrap();
+    // 25 minutes before expiry on the local clock: outside the 20-minute
+    // advisory window, so nothing is asked.
+    clock.set(first.expiration() - 25 * MINUTE);
+    let requests = imds.request_counts().total;
+    provider.credentials().await.unwrap();
+    assert_eq!(
+        imds.request_counts().total,
+        requests,
+        "no request outside the advisory window"
+    );
+
+    // IMDS's clock is 10 minutes ahead: on its time 15 minutes remain. The
+    // agent's periodic role check is the only response that can tell.
+    imds.set_clock_skew(600);
+    let polled = provider.poll().await.unwrap();
+    assert_eq!(
+        polled.credentials.access_key_id(),
+        first.access_key_id(),
+        "the advisory window serves the cached credentials at once"
+    );
+    wait_for_new_credentials(&provider, &first, "after a role check 10 minutes ahead").await;
 }

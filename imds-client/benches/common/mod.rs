@@ -57,7 +57,9 @@ pub(crate) fn ours(endpoint: &str) -> ImdsCredentialsProvider {
         .expect("valid endpoint")
         .build()
         .expect("client builds");
-    ImdsCredentialsProvider::builder().source(client).build()
+    ImdsCredentialsProvider::builder()
+        .imds_client(client)
+        .build()
 }
 
 /// aws-config's IMDS provider, default settings, pointed at `endpoint`.

@@ -1,5 +1,8 @@
-//! The AWS SDK for Rust's `ProvideCredentials`, as a thin layer over the
-//! provider's inherent `async fn` (as the trait's docs recommend).
+//! The AWS SDK for Rust's `ProvideCredentials`.
+//!
+//! A cached call answers with a ready future holding a clone of the SDK's
+//! credentials type, which the cache built once per fetch: no boxing, no
+//! conversion per call. Only a call that has to wait for IMDS boxes a future.
 //!
 //! Failures map onto the SDK's credential taxonomy deliberately:
 //! no role or IMDS unreachable / disabled -> `not_loaded` (the SDK's chain may
@@ -21,17 +24,16 @@ impl ProvideCredentials for ImdsCredentialsProvider {
     where
         Self: 'a,
     {
+        if let Some(credentials) = self.cached_sdk() {
+            return provider::future::ProvideCredentials::ready(Ok(credentials));
+        }
         provider::future::ProvideCredentials::new(async move {
-            self.credentials()
-                .await
-                .map(|c| c.to_aws_credentials(PROVIDER_NAME))
-                .map_err(to_credentials_error)
+            self.resolve_sdk().await.map_err(to_credentials_error)
         })
     }
 
     fn fallback_on_interrupt(&self) -> Option<aws_credential_types::Credentials> {
-        self.last_good()
-            .map(|rc| rc.credentials.to_aws_credentials(PROVIDER_NAME))
+        self.last_good_sdk()
     }
 }
 
