@@ -73,7 +73,20 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    fn is_retried(error: &Error) -> bool {
+    /// How many times a request is sent at most (first try included).
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// The first backoff delay; later ones grow exponentially, with jitter,
+    /// up to 5 s.
+    pub fn base_delay(&self) -> Duration {
+        self.base_delay
+    }
+
+    /// Whether a request that failed with `error` is tried again (the table
+    /// above).
+    pub fn is_retried(error: &Error) -> bool {
         matches!(
             error.kind(),
             ErrorKind::ServerError { .. }
@@ -345,6 +358,23 @@ fn validate_endpoint(url: &str, setting: &str) -> Result<String, Error> {
     Ok(url.trim().trim_end_matches('/').to_owned())
 }
 
+/// Whether `path` names a role's credentials document (not the list of
+/// roles, which holds only names).
+fn returns_secrets(path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    let normalized = path.trim_start_matches('/');
+    [
+        "latest/meta-data/iam/security-credentials/",
+        "latest/meta-data/iam/security-credentials-extended/",
+    ]
+    .iter()
+    .any(|prefix| {
+        normalized
+            .strip_prefix(prefix)
+            .is_some_and(|role| !role.trim_matches('/').is_empty())
+    })
+}
+
 const PATH_UNKNOWN: u8 = 0;
 const PATH_EXTENDED: u8 = 1;
 const PATH_CLASSIC: u8 = 2;
@@ -406,9 +436,38 @@ impl ImdsClient {
         &self.inner.endpoint
     }
 
-    /// GETs a metadata path (e.g. `/latest/meta-data/instance-id`) and returns the body.
+    /// How this client retries (see [`RetryPolicy`] for the table).
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.inner.retry
+    }
+
+    /// GETs a metadata path (e.g. `/latest/meta-data/instance-id`) and
+    /// returns the body.
+    ///
+    /// A path that returns secrets (a role's credentials under
+    /// `iam/security-credentials/ROLE` or `iam/security-credentials-extended/ROLE`)
+    /// is refused with [`ErrorKind::InvalidConfiguration`], before anything
+    /// is sent: a plain `String` would carry them into logs and `Debug`
+    /// output. Use [`ImdsClient::get_secret`] for those, or the typed
+    /// credentials of the provider.
     pub async fn get(&self, path: &str) -> Result<String, Error> {
+        if returns_secrets(path) {
+            return Err(Error::new(ErrorKind::InvalidConfiguration {
+                setting: "path".into(),
+                reason: format!(
+                    "{path} returns credentials: use ImdsClient::get_secret, which returns a \
+                     SecretString, or the credentials provider"
+                ),
+            }));
+        }
         self.fetch(path).await.map(|a| a.body)
+    }
+
+    /// GETs a metadata path whose body is secret (a role's credentials
+    /// document), as a [`SecretString`] that zeroizes its memory on drop and
+    /// shows `[redacted]` in `Debug`.
+    pub async fn get_secret(&self, path: &str) -> Result<SecretString, Error> {
+        self.fetch(path).await.map(|a| SecretString::new(a.body))
     }
 
     /// The instance id.
@@ -838,5 +897,29 @@ mod tests {
             first, second,
             "two processes slept the same jittered delays: jitter is not seeded per process"
         );
+    }
+}
+
+#[cfg(test)]
+mod secret_path_tests {
+    use super::returns_secrets;
+
+    #[test]
+    fn credentials_documents_are_secret_paths_and_the_role_list_is_not() {
+        for (path, secret) in [
+            ("/latest/meta-data/iam/security-credentials/", false),
+            ("/latest/meta-data/iam/security-credentials", false),
+            ("/latest/meta-data/iam/security-credentials/role", true),
+            ("latest/meta-data/iam/security-credentials/role/", true),
+            (
+                "/latest/meta-data/iam/security-credentials-extended/role",
+                true,
+            ),
+            ("//latest/meta-data/iam/security-credentials/role?x=1", true),
+            ("/latest/meta-data/iam/info", false),
+            ("/latest/meta-data/instance-id", false),
+        ] {
+            assert_eq!(returns_secrets(path), secret, "{path}");
+        }
     }
 }

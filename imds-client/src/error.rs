@@ -128,13 +128,26 @@ pub struct Error {
 }
 
 impl Error {
-    /// An error of `kind` with no underlying cause.
+    /// An error of `kind` with no underlying cause. Public with the
+    /// `test-util` feature only: fakes of [`crate::CredentialsSource`] need
+    /// to fail the way IMDS does; everyone else receives errors.
+    #[cfg(feature = "test-util")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn new(kind: ErrorKind) -> Self {
         Self { kind, source: None }
     }
 
+    /// An error of `kind` with no underlying cause.
+    #[cfg(not(feature = "test-util"))]
+    pub(crate) fn new(kind: ErrorKind) -> Self {
+        Self { kind, source: None }
+    }
+
     /// An error of `kind` caused by `source`.
-    pub fn with_source(kind: ErrorKind, source: impl StdError + Send + Sync + 'static) -> Self {
+    pub(crate) fn with_source(
+        kind: ErrorKind,
+        source: impl StdError + Send + Sync + 'static,
+    ) -> Self {
         Self {
             kind,
             source: Some(Arc::new(source)),

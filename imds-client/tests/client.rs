@@ -666,3 +666,27 @@ async fn a_moto_like_500_on_the_extended_path_falls_back_to_the_classic_one_for_
         );
     }
 }
+
+/// A credentials document is never handed out as a plain `String`: `get`
+/// refuses the path before sending anything, and `get_secret` returns it
+/// redacted in `Debug`.
+#[tokio::test]
+async fn credentials_paths_come_back_only_as_secrets() {
+    let imds = MockImds::builder().role("app-role").start().await.unwrap();
+    let client = client(&imds);
+    let path = format!("{LIST}app-role");
+    let err = client.get(&path).await.unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::InvalidConfiguration { .. }),
+        "expected InvalidConfiguration, got {err:?}"
+    );
+    assert!(err.to_string().contains("get_secret"), "{err}");
+    assert_eq!(imds.request_counts().total, 0, "nothing was sent");
+
+    let secret = client.get_secret(&path).await.unwrap();
+    let issued = imds.current_credentials().unwrap();
+    assert!(secret.expose().contains(issued.secret_access_key()));
+    assert!(!format!("{secret:?}").contains(issued.secret_access_key()));
+    // The list of roles holds only names: a plain string.
+    assert_eq!(client.get(LIST).await.unwrap().trim(), "app-role");
+}
