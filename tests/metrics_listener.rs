@@ -273,6 +273,23 @@ async fn metrics_listen_serves_on_loopback_and_refuses_other_addresses() {
     let status = running.stop_with(Signal::TERM);
     assert!(status.success(), "expected a clean stop, got {status:?}");
 
+    // Nor may the metrics socket take the credential socket's path.
+    let same = dir.path().join("same.sock");
+    let out = agent()
+        .arg("run")
+        .arg("--socket")
+        .arg(&same)
+        .arg("--metrics-socket")
+        .arg(&same)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && stderr.contains("are the same path") && !same.exists(),
+        "expected one path for both sockets refused, got {:?}: {stderr}",
+        out.status
+    );
+
     for bad in ["0.0.0.0:9464", "10.1.2.3:9464", "[::]:9464"] {
         let out = agent()
             .arg("run")

@@ -116,7 +116,8 @@ and retry. The agent does this on its own before expiry and within one
 
 Only the users the socket serves /credentials to may ask. The agent runs one
 refresh at a time (concurrent requests share it) and at most one every 5 s;
-asked again within that window, this command waits for it and asks once more.";
+asked within 5 s of the last one, this command waits until the 5 s are over
+and asks once more.";
 
 const REFRESH_EXAMPLES: &str = "\
 Example:
