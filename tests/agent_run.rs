@@ -34,6 +34,8 @@ impl Setup {
             .arg(self.path("credentials.json"))
             .arg("--socket")
             .arg(self.path("agent.sock"))
+            .arg("--metrics-socket")
+            .arg(self.path("metrics.sock"))
             .args(["--poll-interval", "1"])
             .args(extra);
         cmd
@@ -105,7 +107,7 @@ async fn outputs_follow_attach_replace_and_detach() {
     let (status, health) = unix_get(&socket, "/healthz").unwrap();
     eqnice!(200, status);
     assert!(health.contains("first-role"), "{health}");
-    let (status, metrics) = unix_get(&socket, "/metrics").unwrap();
+    let (status, metrics) = unix_get(&setup.path("metrics.sock"), "/metrics").unwrap();
     eqnice!(200, status);
     assert!(
         metrics.contains("imds_agent_credentials_expiry_seconds"),
@@ -188,7 +190,7 @@ async fn an_outage_keeps_the_last_good_credentials_and_recovers() {
     let (status, health) = unix_get(&socket, "/healthz").unwrap();
     eqnice!(200, status);
     assert!(health.contains("degraded"), "{health}");
-    let (_, metrics) = unix_get(&socket, "/metrics").unwrap();
+    let (_, metrics) = unix_get(&setup.path("metrics.sock"), "/metrics").unwrap();
     assert!(
         metrics.contains("imds_agent_refresh_failures_total{kind=\"ServerError\"}"),
         "{metrics}"

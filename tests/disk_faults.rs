@@ -94,6 +94,8 @@ impl Scenario {
             .arg(credentials_file)
             .arg("--socket")
             .arg(&socket)
+            .arg("--metrics-socket")
+            .arg(crate::util::metrics_socket_of(&socket))
             .args(["--poll-interval", "1"]);
         let running = Running::start_logging_to(cmd, &log);
         let first = imds.current_credentials().unwrap();
@@ -109,7 +111,11 @@ impl Scenario {
     }
 
     fn failures(&self) -> u64 {
-        metric(&self.socket, "imds_agent_output_failures_total").unwrap_or(0)
+        metric(
+            &crate::util::metrics_socket_of(&self.socket),
+            "imds_agent_output_failures_total",
+        )
+        .unwrap_or(0)
     }
 
     /// Rotates the role's keys and asks the agent to fetch them now; returns

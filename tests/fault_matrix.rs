@@ -129,6 +129,8 @@ fn start(imds: &MockImds, dir: &Path) -> (Running, PathBuf, PathBuf) {
         .arg(&file)
         .arg("--socket")
         .arg(&socket)
+        .arg("--metrics-socket")
+        .arg(crate::util::metrics_socket_of(&socket))
         .args(["--poll-interval", "1"])
         .args(["--connect-timeout", "0.3", "--read-timeout", "0.3"]);
     (Running::start(cmd), file, socket)
@@ -148,7 +150,10 @@ fn key_in(file: &Path) -> Option<String> {
 
 /// The sum of `imds_agent_refresh_failures_total` over every error kind.
 fn failures(socket: &Path) -> u64 {
-    metric_sum(socket, "imds_agent_refresh_failures_total")
+    metric_sum(
+        &crate::util::metrics_socket_of(socket),
+        "imds_agent_refresh_failures_total",
+    )
 }
 
 fn current_key(imds: &MockImds) -> String {

@@ -76,6 +76,8 @@ async fn json_logs_are_one_object_per_line_and_hold_no_secret() {
         .arg(&file)
         .arg("--socket")
         .arg(&socket)
+        .arg("--metrics-socket")
+        .arg(crate::util::metrics_socket_of(&socket))
         .args(["--log-format", "json", "--poll-interval", "1"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -108,13 +110,19 @@ async fn json_logs_are_one_object_per_line_and_hold_no_secret() {
     wait_for("the replacement", || in_file(&key));
     // Faults: IMDS failing, then garbage in the credentials document.
     for fault in [Fault::Status { status: 503 }, Fault::MalformedJson] {
-        let before = crate::util::metric_sum(&socket, "imds_agent_refresh_failures_total");
+        let before = crate::util::metric_sum(
+            &crate::util::metrics_socket_of(&socket),
+            "imds_agent_refresh_failures_total",
+        );
         imds.rotate();
         issued(&imds);
         imds.inject(fault, FaultDuration::Forever);
         rustix::process::kill_process(pid, Signal::HUP).unwrap();
         wait_for("a failure", || {
-            crate::util::metric_sum(&socket, "imds_agent_refresh_failures_total") > before
+            crate::util::metric_sum(
+                &crate::util::metrics_socket_of(&socket),
+                "imds_agent_refresh_failures_total",
+            ) > before
         });
         imds.clear_faults();
     }

@@ -104,6 +104,8 @@ impl Agent {
         cmd.env("IMDS_AGENT_LOG", "info")
             .arg("--socket")
             .arg(&socket)
+            .arg("--metrics-socket")
+            .arg(crate::util::metrics_socket_of(&socket))
             .args(["--poll-interval", "1"]);
         for arg in args {
             cmd.arg(arg.as_ref());
@@ -123,7 +125,11 @@ impl Agent {
     }
 
     fn failures(&self) -> u64 {
-        metric(&self.socket, "imds_agent_output_failures_total").unwrap_or(0)
+        metric(
+            &crate::util::metrics_socket_of(&self.socket),
+            "imds_agent_output_failures_total",
+        )
+        .unwrap_or(0)
     }
 
     /// Waits until a failed output write is counted and logged with `cause`.

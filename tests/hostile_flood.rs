@@ -277,7 +277,7 @@ fn assert_served_50_times(mut cmd: Command) {
 /// A labelled metric's value from `/metrics`, e.g.
 /// `imds_agent_refused_connections_total{endpoint="socket",reason="allow_list"}`.
 fn labelled_metric(socket: &Path, series: &str) -> u64 {
-    let (_, body) = unix_get(socket, "/metrics").unwrap();
+    let (_, body) = unix_get(&crate::util::metrics_socket_of(socket), "/metrics").unwrap();
     body.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0)
@@ -319,6 +319,8 @@ async fn a_refused_uid_holding_1200_connections_does_not_crowd_out_an_allowed_cl
     let mut cmd = agent_against(&imds);
     cmd.arg("--socket")
         .arg(&socket)
+        .arg("--metrics-socket")
+        .arg(crate::util::metrics_socket_of(&socket))
         .args(["--socket-mode", "0660", "--socket-group"])
         .arg(stranger.gid.to_string())
         .args(["--allow-uid", "0"]);
@@ -340,7 +342,11 @@ async fn a_refused_uid_holding_1200_connections_does_not_crowd_out_an_allowed_cl
             "request {i} of 50 during the flood: expected 200 with credentials, got {answer:?}"
         );
     }
-    let denied = crate::util::metric(&socket, "imds_agent_denied_connections_total").unwrap_or(0);
+    let denied = crate::util::metric(
+        &crate::util::metrics_socket_of(&socket),
+        "imds_agent_denied_connections_total",
+    )
+    .unwrap_or(0);
     let refused = labelled_metric(
         &socket,
         "imds_agent_refused_connections_total{endpoint=\"socket\",reason=\"allow_list\"}",
@@ -451,6 +457,8 @@ async fn one_user_holding_1200_connections_cannot_take_the_slots_of_another() {
     let mut cmd = agent_against(&imds);
     cmd.arg("--socket")
         .arg(&socket)
+        .arg("--metrics-socket")
+        .arg(crate::util::metrics_socket_of(&socket))
         .args(["--socket-mode", "0660", "--socket-group"])
         .arg(group.to_string());
     let running = Running::start_logging_to(cmd, &log);

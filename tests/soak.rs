@@ -45,7 +45,8 @@ fn sample(pid: u32, socket: &Path) -> Sample {
             .count(),
         rss_kib: field("VmRSS:"),
         threads: field("Threads:"),
-        tasks: metric(socket, "imds_agent_tasks").expect("the tasks gauge"),
+        tasks: metric(&crate::util::metrics_socket_of(socket), "imds_agent_tasks")
+            .expect("the tasks gauge"),
     }
 }
 
@@ -64,6 +65,8 @@ fn soak(rotations: usize) {
         .arg(dir.path().join("credentials.json"))
         .arg("--socket")
         .arg(&socket)
+        .arg("--metrics-socket")
+        .arg(crate::util::metrics_socket_of(&socket))
         .args(["--poll-interval", "1"]);
     let running = Running::start(cmd);
     wait_for("the first write", || file.exists());
@@ -123,7 +126,11 @@ fn soak(rotations: usize) {
     std::thread::sleep(std::time::Duration::from_millis(200));
     let warm = warm.unwrap();
     let end = sample(pid, &socket);
-    let refreshes = metric(&socket, "imds_agent_refreshes_total").unwrap_or(0);
+    let refreshes = metric(
+        &crate::util::metrics_socket_of(&socket),
+        "imds_agent_refreshes_total",
+    )
+    .unwrap_or(0);
     eprintln!(
         "soak: {rotations} rotations at IMDS, {refreshes} refreshes by the agent, {reads} reads; \
          after 10 %: {warm:?}; at the end: {end:?}"

@@ -114,12 +114,51 @@ pub(crate) fn handles_signal(pid: u32, signal: Signal) -> bool {
 
 /// One HTTP/1.1 GET over a Unix socket: (status, body).
 pub(crate) fn unix_get(socket: &std::path::Path, path: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let stream = std::os::unix::net::UnixStream::connect(socket)?;
+    http_exchange(stream, "GET", path, Duration::from_secs(5))
+        .map(|answer| (answer.status, answer.body))
+}
+
+/// An HTTP answer: its status, head (status line and headers) and body.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) head: String,
+    pub(crate) body: String,
+}
+
+impl Answer {
+    /// The value of header `name` (case-insensitive), if present.
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then_some(v.trim())
+        })
+    }
+}
+
+/// One HTTP/1.1 request without a body over a Unix socket (reads bounded by [`PATIENCE`]).
+pub(crate) fn unix_request(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+) -> std::io::Result<Answer> {
+    let stream = std::os::unix::net::UnixStream::connect(socket)?;
+    http_exchange(stream, method, path, PATIENCE)
+}
+
+/// One HTTP/1.1 request without a body on `stream`; the answer is read to
+/// the end, each read bounded by `timeout`.
+pub(crate) fn http_exchange(
+    mut stream: impl std::io::Read + std::io::Write + ReadTimeout,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<Answer> {
+    stream.read_timeout(timeout)?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = String::new();
     stream.read_to_string(&mut raw)?;
@@ -129,7 +168,29 @@ pub(crate) fn unix_get(socket: &std::path::Path, path: &str) -> std::io::Result<
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    Ok((status, body.to_owned()))
+    Ok(Answer {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    })
+}
+
+/// Streams whose reads can be bounded in time.
+pub(crate) trait ReadTimeout {
+    /// Bounds each read to `timeout`.
+    fn read_timeout(&self, timeout: Duration) -> std::io::Result<()>;
+}
+
+impl ReadTimeout for std::os::unix::net::UnixStream {
+    fn read_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+}
+
+impl ReadTimeout for std::net::TcpStream {
+    fn read_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
 }
 
 /// How long a test waits for observable state before it fails. Generous:
@@ -150,16 +211,23 @@ pub(crate) fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     panic!("expected {what} within {PATIENCE:?}; it never happened");
 }
 
-/// The value of an unlabelled metric from `GET /metrics` on the agent's socket.
-pub(crate) fn metric(socket: &std::path::Path, name: &str) -> Option<u64> {
-    let (_, body) = unix_get(socket, "/metrics").ok()?;
+/// Where tests put the agent's metrics socket (`--metrics-socket`): beside
+/// its credential socket `socket`, named `metrics.sock`.
+pub(crate) fn metrics_socket_of(socket: &std::path::Path) -> std::path::PathBuf {
+    socket.with_file_name("metrics.sock")
+}
+
+/// The value of an unlabelled metric from `GET /metrics` on the agent's
+/// metrics socket `metrics` (see [`metrics_socket_of`]).
+pub(crate) fn metric(metrics: &std::path::Path, name: &str) -> Option<u64> {
+    let (_, body) = unix_get(metrics, "/metrics").ok()?;
     body.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// The sum of a labelled metric over all its labels.
-pub(crate) fn metric_sum(socket: &std::path::Path, name: &str) -> u64 {
-    let Ok((_, body)) = unix_get(socket, "/metrics") else {
+/// The sum of a labelled metric over all its labels, from the metrics socket `metrics`.
+pub(crate) fn metric_sum(metrics: &std::path::Path, name: &str) -> u64 {
+    let Ok((_, body)) = unix_get(metrics, "/metrics") else {
         return 0;
     };
     body.lines()

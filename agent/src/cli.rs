@@ -25,6 +25,10 @@ pub enum Command {
     /// running agent's socket.
     #[command(after_help = CREDENTIAL_PROCESS_EXAMPLES)]
     CredentialProcess(CredentialProcessArgs),
+    /// Ask a running agent to fetch credentials from IMDS now, and print
+    /// what it got (POST /refresh on its socket).
+    #[command(long_about = REFRESH_ABOUT, after_help = REFRESH_EXAMPLES)]
+    Refresh(RefreshArgs),
     /// Run the bundled IMDS emulator and the agent together, with outputs in
     /// a fresh directory: the whole thing working, on any machine.
     #[command(after_help = DEMO_EXAMPLES)]
@@ -84,7 +88,11 @@ Examples:
 
 Every flag can also be set with an environment variable IMDS_AGENT_<FLAG> (for systemd's
 EnvironmentFile=); the standard AWS_EC2_METADATA_* variables apply to the IMDS settings.
-Signals: SIGTERM/SIGINT stop cleanly, SIGHUP refreshes now.";
+Signals: SIGTERM/SIGINT stop cleanly, SIGHUP refreshes now (so does POST /refresh on the
+socket, see `imds-agent refresh --help`).
+Metrics and health apart from credentials:
+  imds-agent run --socket /run/imds-agent/agent.sock --metrics-socket /run/imds-agent/metrics.sock --metrics-socket-group 998
+  curl --unix-socket /run/imds-agent/metrics.sock http://localhost/metrics";
 
 const CREDENTIAL_PROCESS_EXAMPLES: &str = "\
 Use it from ~/.aws/config, so every AWS SDK and the CLI re-run it before expiry:
@@ -94,6 +102,30 @@ Use it from ~/.aws/config, so every AWS SDK and the CLI re-run it before expiry:
 
 Exit status 0 with the JSON on stdout; 1 with one line on stderr when the agent is not
 running, no role is attached, or no valid credentials are available.";
+
+const REFRESH_ABOUT: &str = "\
+Ask a running agent to fetch credentials from IMDS now, and print what it got
+(POST /refresh on its socket).
+
+Use it when an application's AWS call failed with ExpiredToken (or
+InvalidClientTokenId right after a role change): the credentials it holds
+were revoked or rotated before the agent's next scheduled refresh. After this
+command, re-read the credentials (the socket, the files, or credential_process)
+and retry. The agent does this on its own before expiry and within one
+--poll-interval of a role change; this is for the exceptions.
+
+Only the users the socket serves /credentials to may ask. The agent runs one
+refresh at a time (concurrent requests share it) and at most one every 5 s;
+asked within 5 s of the last one, this command waits until the 5 s are over
+and asks once more.";
+
+const REFRESH_EXAMPLES: &str = "\
+Example:
+  imds-agent refresh --socket /run/imds-agent/agent.sock
+
+Exit status 0 with one line on stdout (the new access key id and expiry, never
+a secret); 1 with the reason on stderr when the agent is not running, refused
+this user, no role is attached, or IMDS did not answer.";
 
 const DEMO_EXAMPLES: &str = "\
 Examples:
@@ -125,6 +157,15 @@ fn parse_file_mode(text: &str) -> Result<u32, String> {
         ));
     }
     Ok(mode)
+}
+
+/// Parses `--metrics-listen`: a socket address on loopback only.
+fn parse_metrics_listen(text: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not an address such as 127.0.0.1:9464"))?;
+    crate::metrics_listener::check_loopback(&addr)?;
+    Ok(addr)
 }
 
 /// Flags of `imds-agent run`.
@@ -206,6 +247,24 @@ pub struct RunArgs {
         value_name = "GID"
     )]
     pub allow_gid: Vec<u32>,
+    /// Serve GET /metrics (Prometheus text) and GET /healthz on this Unix
+    /// socket, apart from credentials: its users get counters and health,
+    /// never keys. The credential socket no longer serves /metrics.
+    #[arg(long, env = "IMDS_AGENT_METRICS_SOCKET", value_name = "PATH")]
+    pub metrics_socket: Option<PathBuf>,
+    /// Mode of the metrics socket (octal). Default: 0600 (root and the
+    /// agent's user), or 0660 when --metrics-socket-group is given.
+    #[arg(long, env = "IMDS_AGENT_METRICS_SOCKET_MODE", value_parser = parse_mode, value_name = "MODE")]
+    pub metrics_socket_mode: Option<u32>,
+    /// Group (numeric gid) of the metrics socket, e.g. your monitoring
+    /// agent's group: its members may connect (mode 0660 unless given).
+    #[arg(long, env = "IMDS_AGENT_METRICS_SOCKET_GROUP", value_name = "GID")]
+    pub metrics_socket_group: Option<u32>,
+    /// Also serve GET /metrics and GET /healthz over HTTP on this loopback
+    /// address (127.0.0.1:PORT, or `[::1]:PORT`; anything else is refused), for
+    /// scrapers that cannot read a Unix socket. Every local user can read it.
+    #[arg(long, env = "IMDS_AGENT_METRICS_LISTEN", value_parser = parse_metrics_listen, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// IMDS endpoint URL (default: from AWS_EC2_METADATA_SERVICE_ENDPOINT, else http://169.254.169.254).
     #[arg(long, env = "IMDS_AGENT_IMDS_ENDPOINT", value_name = "URL")]
     pub imds_endpoint: Option<String>,
@@ -244,6 +303,30 @@ pub struct CredentialProcessArgs {
         value_name = "PATH"
     )]
     pub socket: PathBuf,
+}
+
+/// Flags of `imds-agent refresh`.
+#[derive(Debug, clap::Args)]
+pub struct RefreshArgs {
+    /// The agent's socket.
+    #[arg(
+        long,
+        env = "IMDS_AGENT_SOCKET",
+        default_value = "/run/imds-agent/agent.sock",
+        value_name = "PATH"
+    )]
+    pub socket: PathBuf,
+}
+
+impl RunArgs {
+    /// The metrics socket's mode: as given, else 0660 with a group, else 0600.
+    pub fn metrics_socket_mode(&self) -> u32 {
+        match (self.metrics_socket_mode, self.metrics_socket_group) {
+            (Some(mode), _) => mode,
+            (None, Some(_)) => 0o660,
+            (None, None) => 0o600,
+        }
+    }
 }
 
 /// Flags of `imds-agent demo`.

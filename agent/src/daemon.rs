@@ -61,7 +61,7 @@ pub struct Refresh {
     pub provider: ImdsCredentialsProvider,
     /// How often the role is re-checked.
     pub poll_interval: Duration,
-    /// Requests to refresh now (SIGHUP).
+    /// Requests to refresh now (SIGHUP, and clients' `POST /refresh`).
     pub reloads: Reloads,
 }
 
@@ -85,7 +85,7 @@ pub struct Daemon {
 /// How long a stop waits for servers and writers before it abandons them.
 const STOP_GRACE: Duration = Duration::from_millis(500);
 
-/// Runs until `shutdown`. A SIGHUP (a reload) refreshes now.
+/// Runs until `shutdown`. A reload (SIGHUP, `POST /refresh`) refreshes now.
 pub async fn run(daemon: Daemon, mut shutdown: Shutdown) -> anyhow::Result<()> {
     let Daemon {
         mut outputs,
@@ -125,6 +125,12 @@ pub async fn run(daemon: Daemon, mut shutdown: Shutdown) -> anyhow::Result<()> {
             biased;
             () = shutdown.wait() => break None,
             Some(done) = running.join_next() => {
+                // Servers return once shutdown started, and with two or
+                // more of them one's return was seen here before the
+                // shutdown branch fired (about 1 stop in 15): a clean stop.
+                if shutdown.is_stopping() && matches!(done, Ok((_, Ok(())))) {
+                    break None;
+                }
                 let failure = match done {
                     Ok((name, Ok(()))) => anyhow::anyhow!("the {name} stopped unexpectedly"),
                     Ok((name, Err(e))) => e.context(format!("the {name} failed")),
@@ -144,12 +150,16 @@ pub async fn run(daemon: Daemon, mut shutdown: Shutdown) -> anyhow::Result<()> {
                     result = provider.poll() => record(&metrics, result, &provider, &clock),
                 }
             }
-            () = reloads.recv() => {
-                tracing::info!("SIGHUP: refreshing credentials now");
+            reload = reloads.recv() => {
+                tracing::info!(origin = reload.origin(), "refreshing credentials now");
                 tokio::select! {
                     biased;
+                    // A waiting client is answered "stopping" (the reload is dropped).
                     () = shutdown.wait() => break None,
-                    result = provider.refresh_now() => record(&metrics, result, &provider, &clock),
+                    result = provider.refresh_now() => {
+                        reload.answer(&result);
+                        record(&metrics, result, &provider, &clock);
+                    }
                 }
             }
             changed = state.changed() => {

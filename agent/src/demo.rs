@@ -79,6 +79,7 @@ pub async fn run(
         .context("starting the IMDS emulator")?;
     let endpoint = imds.endpoint();
     let socket = dir.join("agent.sock");
+    let metrics_socket = dir.join("metrics.sock");
     let credentials = dir.join("credentials");
     let json = dir.join("credentials.json");
     let run_args = RunArgs {
@@ -94,6 +95,10 @@ pub async fn run(
         in_place: false,
         socket_mode: 0o600,
         socket_group: None,
+        metrics_socket: Some(metrics_socket.clone()),
+        metrics_socket_mode: None,
+        metrics_socket_group: None,
+        metrics_listen: None,
         allow_uid: Vec::new(),
         allow_gid: Vec::new(),
         imds_endpoint: Some(endpoint.clone()),
@@ -122,6 +127,11 @@ pub async fn run(
     );
     println!(
         "  curl --unix-socket {} http://localhost/metrics",
+        metrics_socket.display()
+    );
+    println!(
+        "  {} refresh --socket {}        # ask IMDS again now",
+        exe.display(),
         socket.display()
     );
     println!(

@@ -94,6 +94,12 @@ async fn run(
                 anyhow::bail!("some checks failed (see above)")
             }
         }
+        Command::Refresh(args) => {
+            let outcome =
+                interruptible(imds_agent::refresh::request(&args.socket), shutdown).await??;
+            println!("{outcome}");
+            Ok(())
+        }
         Command::CredentialProcess(args) => {
             let json = interruptible(
                 imds_agent::credential_process::fetch(&args.socket),

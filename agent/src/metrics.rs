@@ -1,4 +1,5 @@
-//! Counters for `GET /metrics` (Prometheus text format).
+//! Counters for `GET /metrics` (Prometheus text format), served on the
+//! metrics listener (see `metrics_listener`), apart from credentials.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -19,6 +20,8 @@ pub struct Metrics {
     refused: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     sink_failures: AtomicU64,
     outputs_stuck: AtomicU64,
+    outputs_failing: AtomicU64,
+    refresh_requests: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -86,6 +89,33 @@ impl Metrics {
         self.outputs_stuck.load(Ordering::Relaxed)
     }
 
+    /// An output's last write failed (`true`), or it succeeded again after
+    /// failing (`false`). Each output's writer reports a change only.
+    pub fn output_failing(&self, failing: bool) {
+        if failing {
+            self.outputs_failing.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.outputs_failing.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many outputs failed their last write (and are being retried).
+    pub fn outputs_failing(&self) -> u64 {
+        self.outputs_failing.load(Ordering::Relaxed)
+    }
+
+    /// A `POST /refresh` answered: `started` (it asked IMDS), `joined` (it
+    /// waited for a refresh already running), `rate_limited` (429) or
+    /// `stopping` (the agent was shutting down).
+    pub fn refresh_request(&self, outcome: &'static str) {
+        *self
+            .refresh_requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(outcome)
+            .or_default() += 1;
+    }
+
     /// Renders every metric, with seconds until expiry from `state`.
     pub fn render(&self, state: &ProviderState, now: SystemTime) -> String {
         let mut out = String::new();
@@ -145,7 +175,7 @@ impl Metrics {
         metric(
             "imds_agent_requests_total",
             "counter",
-            "Requests served on the socket.",
+            "Requests served on the credential socket.",
             vec![(
                 String::new(),
                 self.requests.load(Ordering::Relaxed).to_string(),
@@ -193,6 +223,26 @@ impl Metrics {
             "gauge",
             "Outputs whose current write has not returned within its timeout.",
             vec![(String::new(), self.outputs_stuck().to_string())],
+        );
+        metric(
+            "imds_agent_outputs_failing",
+            "gauge",
+            "Outputs whose last write failed (retried every few seconds).",
+            vec![(String::new(), self.outputs_failing().to_string())],
+        );
+        let refresh_requests = self
+            .refresh_requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        metric(
+            "imds_agent_refresh_requests_total",
+            "counter",
+            "POST /refresh requests, by outcome (started, joined, rate_limited, stopping).",
+            refresh_requests
+                .into_iter()
+                .map(|(outcome, v)| (format!("{{outcome=\"{outcome}\"}}"), v.to_string()))
+                .collect(),
         );
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             metric(

@@ -10,7 +10,9 @@
 //! line, the `imds_agent_outputs_stuck` gauge, `degraded` health), and its
 //! writer waits for that one write to return before it starts the next, so a
 //! stuck output holds at most one blocking thread. Failed writes are retried
-//! after `retry_interval`, or at once when newer content is wanted.
+//! after `retry_interval`, or at once when newer content is wanted; while an
+//! output's last write failed it counts in the `imds_agent_outputs_failing`
+//! gauge (and `degraded` health) until a write succeeds.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +81,7 @@ impl Outputs {
                     limits,
                     metrics: metrics.clone(),
                     applied: applied_tx.clone(),
+                    failing: false,
                 }
                 .run(rx),
             ));
@@ -151,16 +154,33 @@ struct Writer {
     limits: WriteLimits,
     metrics: Arc<Metrics>,
     applied: mpsc::UnboundedSender<(usize, Generation)>,
+    /// Whether this output's last write failed (counted in the gauge).
+    failing: bool,
 }
 
 impl Writer {
-    async fn run(self, mut wanted: watch::Receiver<Option<(Generation, Wanted)>>) {
+    async fn run(mut self, mut wanted: watch::Receiver<Option<(Generation, Wanted)>>) {
+        self.write_all(&mut wanted).await;
+        // Stopped: this output no longer counts as failing.
+        self.set_failing(false);
+    }
+
+    /// Reports a change of this output's failing state in the gauge.
+    fn set_failing(&mut self, failing: bool) {
+        if self.failing != failing {
+            self.failing = failing;
+            self.metrics.output_failing(failing);
+        }
+    }
+
+    async fn write_all(&mut self, wanted: &mut watch::Receiver<Option<(Generation, Wanted)>>) {
         loop {
             let job = wanted.borrow_and_update().clone();
             let retry = match job {
                 None => false,
                 Some((generation, job)) => {
                     let ok = self.write(job).await;
+                    self.set_failing(!ok);
                     if ok {
                         let _ = self.applied.send((self.index, generation));
                     }
@@ -357,9 +377,15 @@ mod tests {
             "one try, then one per retry interval: {tries}"
         );
         assert!(!outputs.all_applied());
+        assert_eq!(
+            metrics.outputs_failing(),
+            1,
+            "the failing output is counted once, however many tries"
+        );
         sink.fail.store(false, Ordering::SeqCst);
         assert!(outputs.next_applied().await, "the retry succeeded");
         assert!(outputs.all_applied());
+        assert_eq!(metrics.outputs_failing(), 0, "no longer failing");
         outputs.set(Wanted::Credentials(creds(1)));
         assert!(outputs.all_applied(), "the same content asks for no write");
         outputs.stop(Duration::from_secs(1)).await;

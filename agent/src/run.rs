@@ -13,9 +13,11 @@ use tokio::net::UnixListener;
 use crate::cli::RunArgs;
 use crate::daemon::{Daemon, Refresh, Server, run as run_daemon};
 use crate::metrics::Metrics;
+use crate::metrics_listener::Probes;
 use crate::notify::Notifier;
 use crate::outputs::{Outputs, WriteLimits};
-use crate::server::{AccessPolicy, ServerLimits};
+use crate::refresh::MIN_INTERVAL;
+use crate::server::{AccessPolicy, CredentialSocket, ServerLimits};
 use crate::shutdown::Shutdown;
 use crate::signals::Reloads;
 use crate::sink::{CredentialsFileSink, FileOptions, JsonFileSink, Sink};
@@ -38,6 +40,17 @@ fn validate_outputs(args: &RunArgs, activated: bool) -> anyhow::Result<()> {
     }
     if let Some(addr) = &args.container_endpoint {
         crate::container::check_loopback(addr)?;
+    }
+    if let (Some(socket), Some(metrics)) = (&args.socket, &args.metrics_socket)
+        && resolve_output(socket) == resolve_output(metrics)
+    {
+        bail!(
+            "--socket {} and --metrics-socket {} are the same path: the metrics socket would \
+             replace the credential socket. Give two different paths, such as \
+             /run/imds-agent/agent.sock and /run/imds-agent/metrics.sock",
+            socket.display(),
+            metrics.display()
+        );
     }
     if let (Some(a), Some(b)) = (&args.credentials_file, &args.json_file) {
         let (ra, rb) = (resolve_output(a), resolve_output(b));
@@ -234,19 +247,62 @@ pub async fn run(
         (None, None) => None,
     };
     let mut servers = Vec::new();
-    if let Some(listener) = listener {
-        let serve = crate::server::serve(
+    let probes = Probes {
+        state: provider.subscribe(),
+        metrics: metrics.clone(),
+        clock: clock.clone(),
+    };
+    let mut metrics_at = Vec::new();
+    let mut metrics_socket_file = None;
+    if let Some(path) = &args.metrics_socket {
+        let (listener, file) =
+            crate::socket_file::bind(path, args.metrics_socket_mode(), args.metrics_socket_group)
+                .with_context(|| format!("--metrics-socket {}", path.display()))?;
+        metrics_socket_file = Some(file);
+        metrics_at.push(path.display().to_string());
+        let serve = crate::metrics_listener::serve_unix(
             listener,
-            provider.subscribe(),
-            metrics.clone(),
-            clock.clone(),
-            AccessPolicy {
+            probes.clone(),
+            shutdown.clone().wait_owned(),
+        );
+        servers.push(Server::new("metrics socket", async move {
+            serve.await;
+            Ok(())
+        }));
+    }
+    if let Some(addr) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-listen {addr}"))?;
+        let local = listener.local_addr()?;
+        tracing::info!("metrics listener ready: http://{local}/metrics and http://{local}/healthz");
+        metrics_at.push(format!("http://{local}/metrics"));
+        let serve = crate::metrics_listener::serve_tcp(
+            listener,
+            probes.clone(),
+            shutdown.clone().wait_owned(),
+        );
+        servers.push(Server::new("metrics listener", async move {
+            serve.await;
+            Ok(())
+        }));
+    }
+    let (refresher, refresh_requests) = crate::refresh::channel(MIN_INTERVAL, metrics.clone());
+    let reloads = reloads.with_requests(refresh_requests);
+    if let Some(listener) = listener {
+        let socket = CredentialSocket {
+            state: provider.subscribe(),
+            metrics: metrics.clone(),
+            clock: clock.clone(),
+            policy: AccessPolicy {
                 uids: args.allow_uid.clone(),
                 gids: args.allow_gid.clone(),
             },
-            ServerLimits::default(),
-            shutdown.clone().wait_owned(),
-        );
+            limits: ServerLimits::default(),
+            refresher,
+            metrics_at,
+        };
+        let serve = crate::server::serve(listener, socket, shutdown.clone().wait_owned());
         servers.push(Server::new("credential socket", async move {
             serve.await;
             Ok(())
@@ -280,6 +336,8 @@ pub async fn run(
         credentials_file = ?args.credentials_file,
         json_file = ?args.json_file,
         socket = ?args.socket,
+        metrics_socket = ?args.metrics_socket,
+        metrics_listen = ?args.metrics_listen,
         poll_interval_seconds = args.poll_interval,
         "imds-agent starting"
     );
@@ -296,7 +354,7 @@ pub async fn run(
         metrics,
     };
     let result = run_daemon(daemon, shutdown).await;
-    if let Some(file) = socket_file {
+    for file in [socket_file, metrics_socket_file].into_iter().flatten() {
         file.remove();
     }
     result

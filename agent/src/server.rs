@@ -1,4 +1,8 @@
-//! HTTP/1.1 over the Unix socket: `/credentials`, `/healthz`, `/metrics`.
+//! HTTP/1.1 over the credential socket: `GET /credentials`, `POST /refresh`
+//! (see [`crate::refresh`]) and `GET /healthz`. `/metrics` is not served here
+//! (404 naming where it is): it lives on the metrics listener
+//! ([`crate::metrics_listener`]), so that monitoring needs no access to
+//! credentials.
 //!
 //! Access is decided per connection: the socket file's mode and group first
 //! (the kernel, at `connect`, with every group of the peer), then an
@@ -16,8 +20,8 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use imds_client::{ProviderState, SharedTimeSource};
+use axum::routing::{get, post};
+use imds_client::{ProviderState, RoleCredentials, SharedTimeSource};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
@@ -25,6 +29,8 @@ use crate::format::credential_process_json;
 pub use crate::limits::ServerLimits;
 use crate::limits::{Admission, Peer, Refusal, Refusals, serve_limited};
 use crate::metrics::Metrics;
+use crate::metrics_listener::health;
+use crate::refresh::{Answer, Refresher};
 
 /// Who may use the socket beyond what its file mode allows.
 ///
@@ -56,18 +62,41 @@ impl AccessPolicy {
     }
 }
 
+/// The credential socket's settings: what it serves, and to whom.
+#[derive(Debug)]
+pub struct CredentialSocket {
+    /// The provider's state (the credentials served).
+    pub state: watch::Receiver<ProviderState>,
+    /// The counters (requests, refusals).
+    pub metrics: Arc<Metrics>,
+    /// The wall clock.
+    pub clock: SharedTimeSource,
+    /// Who may use the socket beyond what its file mode allows.
+    pub policy: AccessPolicy,
+    /// Connection limits.
+    pub limits: ServerLimits,
+    /// Hands `POST /refresh` to the daemon.
+    pub refresher: Refresher,
+    /// Where metrics are served (`--metrics-socket`, `--metrics-listen`),
+    /// named in the 404 for `/metrics`.
+    pub metrics_at: Vec<String>,
+}
+
 #[derive(Clone)]
 struct App {
     state: watch::Receiver<ProviderState>,
     metrics: Arc<Metrics>,
     clock: SharedTimeSource,
+    refresher: Refresher,
+    metrics_at: Arc<[String]>,
 }
 
 fn router(app: App) -> Router {
     Router::new()
         .route("/credentials", get(credentials))
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+        .route("/refresh", post(refresh))
+        .route("/metrics", get(metrics_moved))
         .with_state(app)
 }
 
@@ -83,15 +112,8 @@ async fn credentials(State(app): State<App>) -> Response {
     app.metrics.request();
     let state = app.state.borrow().clone();
     match &state {
-        ProviderState::Active { current, .. }
-            if current.credentials.expiration() > app.clock.now() =>
-        {
-            json(StatusCode::OK, credential_process_json(current))
-        }
-        ProviderState::NoRole => error(
-            StatusCode::NOT_FOUND,
-            "no IAM role is attached to this instance",
-        ),
+        ProviderState::Active { current, .. } => served(current, &app.clock),
+        ProviderState::NoRole => no_role(),
         ProviderState::Starting => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "credentials are not loaded yet",
@@ -103,75 +125,106 @@ async fn credentials(State(app): State<App>) -> Response {
     }
 }
 
+/// 200 with the `credential_process` JSON while `current` is valid.
+fn served(current: &RoleCredentials, clock: &SharedTimeSource) -> Response {
+    if current.credentials.expiration() > clock.now() {
+        json(StatusCode::OK, credential_process_json(current))
+    } else {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no valid credentials: IMDS is unavailable",
+        )
+    }
+}
+
+fn no_role() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no IAM role is attached to this instance",
+    )
+}
+
+/// `POST /refresh`: asks IMDS now (see [`crate::refresh`]) and answers with
+/// what it brought: 200 and the `/credentials` JSON, 404 when no role is
+/// attached, 503 when IMDS failed, 429 with `Retry-After` right after
+/// another refresh.
+async fn refresh(State(app): State<App>) -> Response {
+    app.metrics.request();
+    match app.refresher.refresh().await {
+        Answer::Done(Ok(current)) => served(&current, &app.clock),
+        Answer::Done(Err(failure)) if failure.no_role => no_role(),
+        Answer::Done(Err(failure)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "IMDS did not give new credentials: {}; GET /credentials serves the previous ones while they are valid",
+                failure.message
+            ),
+        ),
+        Answer::TooSoon(wait) => {
+            let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "credentials were refreshed from IMDS less than {} s ago and GET /credentials serves them; \
+                     a new refresh is allowed in {seconds} s",
+                    crate::refresh::MIN_INTERVAL.as_secs()
+                ),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+            response
+        }
+        Answer::Stopping => error(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping"),
+    }
+}
+
 async fn healthz(State(app): State<App>) -> Response {
     app.metrics.request();
     let state = app.state.borrow().clone();
-    let now = app.clock.now();
-    let (status, body) = match &state {
-        ProviderState::Active {
-            current,
-            last_error,
-        } => match current.credentials.expiration().duration_since(now) {
-            Ok(left) => (
-                StatusCode::OK,
-                serde_json::json!({
-                    "status": if last_error.is_some() { "degraded" } else { "ok" },
-                    "role": current.role,
-                    "expires_in_seconds": left.as_secs(),
-                    "last_error": last_error.as_ref().map(|e| e.to_string()),
-                }),
-            ),
-            Err(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"status": "expired", "role": current.role}),
-            ),
-        },
-        ProviderState::NoRole => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"status": "no-role"}),
-        ),
-        ProviderState::Starting => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"status": "starting"}),
-        ),
-        ProviderState::Unavailable { error, .. } => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"status": "unavailable", "error": error.to_string()}),
-        ),
-        _ => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"status": "unknown"}),
-        ),
-    };
+    let (status, body) = health(&state, &app.metrics, app.clock.now());
     json(status, body.to_string())
 }
 
-async fn metrics(State(app): State<App>) -> Response {
+/// `/metrics` moved to the metrics listener: whoever may scrape metrics
+/// should not need to be able to read credentials.
+async fn metrics_moved(State(app): State<App>) -> Response {
     app.metrics.request();
-    let state = app.state.borrow().clone();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(&state, app.clock.now()),
-    )
-        .into_response()
+    let message = if app.metrics_at.is_empty() {
+        "metrics are not served on the credential socket; start the agent with \
+         --metrics-socket PATH (or --metrics-listen 127.0.0.1:PORT) and read GET /metrics there"
+            .to_owned()
+    } else {
+        format!(
+            "metrics are not served on the credential socket; read GET /metrics on {}",
+            app.metrics_at.join(" or ")
+        )
+    };
+    error(StatusCode::NOT_FOUND, &message)
 }
 
 /// Serves the socket until `shutdown` resolves, then lets open connections
 /// finish (bounded by their lifetime) and returns.
-#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: UnixListener,
-    state: watch::Receiver<ProviderState>,
-    metrics: Arc<Metrics>,
-    clock: SharedTimeSource,
-    policy: AccessPolicy,
-    limits: ServerLimits,
+    socket: CredentialSocket,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let CredentialSocket {
+        state,
+        metrics,
+        clock,
+        policy,
+        limits,
+        refresher,
+        metrics_at,
+    } = socket;
     let app = router(App {
         state,
         metrics: metrics.clone(),
         clock,
+        refresher,
+        metrics_at: metrics_at.into(),
     });
     let refusals = Arc::new(Refusals::new("socket", metrics));
     let admit = |stream: &UnixStream| match stream.peer_cred() {

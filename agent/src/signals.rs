@@ -11,12 +11,18 @@
 //!   during start-up: the agent stops cleanly at the next point it checks.
 //! - SIGHUP is remembered: a SIGHUP during start-up is answered by a refresh
 //!   as soon as the daemon runs, and never kills.
+//!
+//! Clients' `POST /refresh` (see [`crate::refresh`]) join SIGHUP in the same
+//! [`Reloads`], so the daemon has one source of "refresh now".
 
 use std::future::Future;
 
 use anyhow::Context;
+use imds_client::RoleCredentials;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
+
+use crate::refresh::Pending;
 
 /// The process's SIGTERM, SIGINT and SIGHUP handlers.
 #[derive(Debug)]
@@ -52,13 +58,17 @@ impl Signals {
                 _ = int.recv() => tracing::info!("received SIGINT"),
             }
         };
-        (shutdown, Reloads(ReloadSource::Signal(hup)))
+        (shutdown, Reloads::from(ReloadSource::Signal(hup)))
     }
 }
 
-/// Requests to refresh now: SIGHUP in the binary, a channel in tests.
+/// Requests to refresh now: SIGHUP (a channel in tests), and clients'
+/// `POST /refresh` once [`Reloads::with_requests`] added them.
 #[derive(Debug)]
-pub struct Reloads(ReloadSource);
+pub struct Reloads {
+    source: ReloadSource,
+    requests: Option<mpsc::UnboundedReceiver<Pending>>,
+}
 
 #[derive(Debug)]
 enum ReloadSource {
@@ -67,30 +77,90 @@ enum ReloadSource {
     Never,
 }
 
+/// One request to refresh now.
+#[derive(Debug)]
+pub enum Reload {
+    /// SIGHUP (or a test's channel): nobody waits for the outcome.
+    Signal,
+    /// A client's `POST /refresh`, waiting for the outcome.
+    Request(Pending),
+}
+
+impl Reload {
+    /// Where the request came from, for the log.
+    pub fn origin(&self) -> &'static str {
+        match self {
+            Self::Signal => "SIGHUP",
+            Self::Request(_) => "POST /refresh",
+        }
+    }
+
+    /// Hands the refresh's result to whoever waits for it.
+    pub fn answer(self, result: &Result<RoleCredentials, imds_client::Error>) {
+        if let Self::Request(pending) = self {
+            pending.answer(result);
+        }
+    }
+}
+
 impl Reloads {
     /// Reloads sent through the returned sender (for tests and embedders).
     pub fn channel() -> (mpsc::UnboundedSender<()>, Self) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (tx, Self(ReloadSource::Channel(rx)))
+        (tx, Self::from(ReloadSource::Channel(rx)))
     }
 
     /// No reloads ever.
     pub fn never() -> Self {
-        Self(ReloadSource::Never)
+        Self::from(ReloadSource::Never)
+    }
+
+    fn from(source: ReloadSource) -> Self {
+        Self {
+            source,
+            requests: None,
+        }
+    }
+
+    /// These reloads, and clients' requests (see [`crate::refresh::channel`]).
+    pub fn with_requests(mut self, requests: mpsc::UnboundedReceiver<Pending>) -> Self {
+        self.requests = Some(requests);
+        self
     }
 
     /// Waits for the next reload request. A request made before the first
-    /// call (during start-up) is returned at once. Pends forever once the
+    /// call (during start-up) is returned at once. Pends forever once every
     /// source is gone.
-    pub async fn recv(&mut self) {
-        let got = match &mut self.0 {
-            ReloadSource::Signal(signal) => signal.recv().await,
-            ReloadSource::Channel(rx) => rx.recv().await,
-            ReloadSource::Never => None,
-        };
-        if got.is_none() {
-            self.0 = ReloadSource::Never;
-            std::future::pending::<()>().await;
+    pub async fn recv(&mut self) -> Reload {
+        enum Got {
+            Signal(Option<()>),
+            Request(Option<Pending>),
+        }
+        loop {
+            let Self { source, requests } = self;
+            let signal = async {
+                match source {
+                    ReloadSource::Signal(signal) => signal.recv().await,
+                    ReloadSource::Channel(rx) => rx.recv().await,
+                    ReloadSource::Never => std::future::pending().await,
+                }
+            };
+            let request = async {
+                match requests {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let got = tokio::select! {
+                got = signal => Got::Signal(got),
+                got = request => Got::Request(got),
+            };
+            match got {
+                Got::Signal(Some(())) => return Reload::Signal,
+                Got::Signal(None) => self.source = ReloadSource::Never,
+                Got::Request(Some(pending)) => return Reload::Request(pending),
+                Got::Request(None) => self.requests = None,
+            }
         }
     }
 }
