@@ -19,6 +19,7 @@ mod macros;
 mod mock_imds;
 mod notify;
 mod rotation;
+mod sdk_conventions;
 mod signals;
 mod soak;
 mod socket_activation;
