@@ -354,3 +354,21 @@ async fn imds_unreachable_at_start_keeps_the_agent_waiting_not_exiting() {
     });
     assert!(running.stop_with(Signal::TERM).success());
 }
+
+/// A bad command line exits 2, and the unit does not restart on exit 2, so a
+/// typo in /etc/default/imds-agent does not restart the agent in a loop.
+#[test]
+fn a_bad_command_line_exits_2_and_the_unit_does_not_restart_on_it() {
+    let out = agent().args(["run", "--no-such-flag"]).output().unwrap();
+    eqnice!(Some(2), out.status.code());
+    let unit = include_str!("../agent/systemd/imds-agent.service");
+    let prevented: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("RestartPreventExitStatus="))
+        .flat_map(str::split_whitespace)
+        .collect();
+    assert!(
+        prevented.contains(&"2"),
+        "expected RestartPreventExitStatus= to list 2 in the unit, got {prevented:?}"
+    );
+}

@@ -21,6 +21,7 @@ mod mock_imds;
 mod notify;
 mod refresh;
 mod rotation;
+mod sdk_conventions;
 mod signals;
 mod soak;
 mod socket_activation;

@@ -27,7 +27,7 @@ use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use imds_client::{ProviderState, SecretString, SharedTimeSource};
+use imds_client::{ImdsClient, ProviderState, SecretString, SharedTimeSource};
 use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -35,6 +35,10 @@ use tokio::sync::watch;
 use crate::format::container_credentials_json;
 use crate::limits::{Admission, Peer, Refusal, Refusals, ServerLimits, sock_diag};
 use crate::metrics::Metrics;
+
+mod instance_profile;
+
+pub use instance_profile::InstanceProfile;
 
 /// Refuses anything but a loopback address.
 pub fn check_loopback(addr: &SocketAddr) -> anyhow::Result<()> {
@@ -49,15 +53,68 @@ struct App {
     token: SecretString,
     local: SocketAddr,
     state: watch::Receiver<ProviderState>,
+    profile: watch::Receiver<Option<InstanceProfile>>,
     clock: SharedTimeSource,
     refusals: Arc<Refusals>,
 }
 
-fn refuse(status: StatusCode, message: &str) -> Response {
+/// Why a request gets no credentials: the ECS agent's error codes, with its
+/// statuses, so every SDK and every operator who knows ECS reads them alike.
+/// The body is `{"code": ..., "message": ...}`, as the ECS agent's.
+///
+/// Our token plays the part of the ECS agent's credentials id: a missing
+/// one is its `NoIdInRequest`, a wrong one its `InvalidIdInRequest`. The
+/// SDKs retry 5xx and give up at once on 4xx: the AWS SDK for Rust reports
+/// `Non-success status from HTTP credential provider: STATUS`, botocore
+/// quotes the body (`Received non 200 response (STATUS) from ECS metadata: BODY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorCode {
+    /// 400: no `Authorization` header, or an empty one.
+    NoIdInRequest,
+    /// 400: a token that is not ours.
+    InvalidIdInRequest,
+    /// 400: no IAM role is attached to the instance.
+    NoCredentialsAssociated,
+    /// 503: no credentials yet: the first fetch has not succeeded.
+    CredentialsUninitialized,
+    /// 500: the credentials expired and IMDS is failing.
+    InternalServerError,
+    /// 403: a request that looks like a browser's or a proxy's. Ours: the
+    /// ECS agent, reached only from its own network namespace, has no such
+    /// check, and `AccessDenied` is AWS's usual word for it.
+    AccessDenied,
+}
+
+impl ErrorCode {
+    fn status(self) -> StatusCode {
+        match self {
+            Self::NoIdInRequest | Self::InvalidIdInRequest | Self::NoCredentialsAssociated => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::CredentialsUninitialized => StatusCode::SERVICE_UNAVAILABLE,
+            Self::InternalServerError => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::AccessDenied => StatusCode::FORBIDDEN,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::NoIdInRequest => "NoIdInRequest",
+            Self::InvalidIdInRequest => "InvalidIdInRequest",
+            Self::NoCredentialsAssociated => "NoCredentialsAssociated",
+            Self::CredentialsUninitialized => "CredentialsUninitialized",
+            Self::InternalServerError => "InternalServerError",
+            Self::AccessDenied => "AccessDenied",
+        }
+    }
+}
+
+/// An error answer: the code's status and `{"code": ..., "message": ...}`.
+fn refuse(code: ErrorCode, message: &str) -> Response {
     (
-        status,
+        code.status(),
         [(header::CONTENT_TYPE, "application/json")],
-        serde_json::json!({ "error": message }).to_string(),
+        serde_json::json!({ "code": code.as_str(), "message": message }).to_string(),
     )
         .into_response()
 }
@@ -68,11 +125,11 @@ fn refuse_and_close(
     app: &App,
     peer: &Peer,
     why: Refusal,
-    status: StatusCode,
+    code: ErrorCode,
     message: &str,
 ) -> Response {
     app.refusals.refuse(peer, why);
-    let mut response = refuse(status, message);
+    let mut response = refuse(code, message);
     response.headers_mut().insert(
         header::CONNECTION,
         axum::http::HeaderValue::from_static("close"),
@@ -108,24 +165,30 @@ async fn credentials(
     headers: HeaderMap,
 ) -> Response {
     if let Some(why) = looks_forged(&headers, &app.local) {
-        return refuse_and_close(&app, &peer, Refusal::Forged, StatusCode::FORBIDDEN, why);
+        return refuse_and_close(&app, &peer, Refusal::Forged, ErrorCode::AccessDenied, why);
     }
-    let Some(given) = headers.get(header::AUTHORIZATION) else {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .filter(|v| !v.is_empty());
+    let Some(given) = given else {
         return refuse_and_close(
             &app,
             &peer,
             Refusal::NoToken,
-            StatusCode::UNAUTHORIZED,
-            "the Authorization token is missing",
+            ErrorCode::NoIdInRequest,
+            "the Authorization header is missing or empty: send the token from \
+             AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
         );
     };
-    if !bool::from(given.as_bytes().ct_eq(app.token.expose().as_bytes())) {
+    if !bool::from(given.ct_eq(app.token.expose().as_bytes())) {
         return refuse_and_close(
             &app,
             &peer,
             Refusal::WrongToken,
-            StatusCode::FORBIDDEN,
-            "the Authorization token is wrong",
+            ErrorCode::InvalidIdInRequest,
+            "the Authorization token is wrong: send the token from \
+             AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE as it is, without \"Bearer\"",
         );
     }
     let state = app.state.borrow().clone();
@@ -133,19 +196,32 @@ async fn credentials(
         ProviderState::Active { current, .. }
             if current.credentials.expiration() > app.clock.now() =>
         {
+            let profile = app.profile.borrow().clone();
             (
                 [(header::CONTENT_TYPE, "application/json")],
-                container_credentials_json(current),
+                container_credentials_json(current, profile.as_ref()),
             )
                 .into_response()
         }
+        ProviderState::Starting => refuse(
+            ErrorCode::CredentialsUninitialized,
+            "the agent has not fetched credentials from IMDS yet: retry shortly",
+        ),
         ProviderState::NoRole => refuse(
-            StatusCode::NOT_FOUND,
-            "no IAM role is attached to this instance",
+            ErrorCode::NoCredentialsAssociated,
+            "no IAM role is attached to this instance: attach an instance profile",
+        ),
+        ProviderState::Unavailable { error, stale: None } => refuse(
+            ErrorCode::CredentialsUninitialized,
+            &format!("no credentials yet: {error}; the agent keeps asking IMDS"),
+        ),
+        ProviderState::Unavailable { error, .. } => refuse(
+            ErrorCode::InternalServerError,
+            &format!("the credentials expired: {error}; the agent keeps asking IMDS"),
         ),
         _ => refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no valid credentials right now",
+            ErrorCode::InternalServerError,
+            "the credentials expired and no new ones came yet; the agent keeps asking IMDS",
         ),
     }
 }
@@ -153,8 +229,9 @@ async fn credentials(
 /// Serves the endpoint until `shutdown` resolves, with the same connection
 /// limits as the Unix socket: any local process (or container) can reach a
 /// loopback port, so idle or flooding clients must not exhaust the agent.
-/// Refusals are counted in a [`Metrics`] of its own; use
-/// [`serve_with_metrics`] to count them in the agent's `/metrics`.
+/// Refusals are counted in a [`Metrics`] of its own, and `RoleArn` is left
+/// out; use [`serve_with_metrics`] to count them in the agent's `/metrics`
+/// and name the role's ARN.
 pub async fn serve(
     listener: TcpListener,
     token: SecretString,
@@ -163,27 +240,40 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
-    serve_with_metrics(listener, token, state, clock, metrics, shutdown).await
+    serve_with_metrics(listener, token, state, clock, metrics, None, shutdown).await
 }
 
 /// [`serve`], counting refusals (`imds_agent_refused_connections_total`
-/// with `endpoint="container"`) in `metrics`.
+/// with `endpoint="container"`) in `metrics`. With `imds`, `iam/info` is
+/// read at start and on each role change (see [`InstanceProfile`]), so the
+/// document names the role's ARN in the instance's partition and account.
 pub async fn serve_with_metrics(
     listener: TcpListener,
     token: SecretString,
     state: watch::Receiver<ProviderState>,
     clock: SharedTimeSource,
     metrics: Arc<Metrics>,
+    imds: Option<ImdsClient>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     let refusals = Arc::new(Refusals::new("container", metrics));
+    let (profile_tx, profile) = watch::channel(None);
+    // Aborted when the endpoint stops (the guard drops).
+    let _follower = imds.map(|imds| {
+        AbortOnDrop(tokio::spawn(instance_profile::follow(
+            imds,
+            state.clone(),
+            profile_tx,
+        )))
+    });
     let app = Router::new()
         .route("/credentials", get(credentials))
         .with_state(App {
             token,
             local,
             state,
+            profile,
             clock,
             refusals: refusals.clone(),
         });
@@ -194,6 +284,15 @@ pub async fn serve_with_metrics(
     crate::limits::serve_limited(listener, ServerLimits::default(), refusals, admit, shutdown)
         .await;
     Ok(())
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Who is at the other end of `stream`: the uid owning a loopback peer's
@@ -217,55 +316,247 @@ fn peer_of(stream: &TcpStream) -> Peer {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
     use std::time::Duration;
 
+    use imds_client::{Credentials, Error, ErrorKind, RoleCredentials};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
+    const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    /// An endpoint serving `state` on an ephemeral loopback port.
+    struct Endpoint {
+        addr: SocketAddr,
+        state: watch::Sender<ProviderState>,
+        metrics: Arc<Metrics>,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    }
+
+    impl Endpoint {
+        async fn start(state: ProviderState) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let metrics = Arc::new(Metrics::default());
+            let (state, rx) = watch::channel(state);
+            let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(serve_with_metrics(
+                listener,
+                SecretString::new(TOKEN.to_owned()),
+                rx,
+                SharedTimeSource::default(),
+                metrics.clone(),
+                None,
+                async {
+                    let _ = stop_rx.await;
+                },
+            ));
+            Self {
+                addr,
+                state,
+                metrics,
+                stop: Some(stop),
+                server,
+            }
+        }
+
+        /// The raw answer (lowercased head, body) to `GET /credentials`
+        /// with `headers`; the agent or `Connection: close` ends it.
+        async fn get(&self, headers: &str) -> (String, String) {
+            let mut stream = TcpStream::connect(self.addr).await.unwrap();
+            let host = self.addr;
+            stream
+                .write_all(
+                    format!("GET /credentials HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .unwrap();
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Read until the whole body (Content-Length) is in, or EOF.
+            loop {
+                let n = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf))
+                    .await
+                    .expect("an answer within 60 s")
+                    .unwrap();
+                raw.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&raw).into_owned();
+                if n == 0 {
+                    break;
+                }
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let length = head
+                        .to_lowercase()
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: ").map(str::to_owned))
+                        .and_then(|l| l.trim().parse::<usize>().ok());
+                    if length.is_some_and(|l| body.len() >= l) {
+                        break;
+                    }
+                }
+            }
+            let text = String::from_utf8_lossy(&raw).into_owned();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            (head.to_lowercase(), body.to_owned())
+        }
+
+        async fn stop(mut self) {
+            let _ = self.stop.take().unwrap().send(());
+            self.server.await.unwrap().unwrap();
+        }
+    }
+
+    /// The status, `code` and `message` of an error answer, checked to be
+    /// JSON with exactly those two fields.
+    fn error_of(head: &str, body: &str) -> (u16, String, String) {
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("expected an HTTP status line, got {head:?}"));
+        assert!(
+            head.contains("\r\ncontent-type: application/json"),
+            "expected a JSON error, got head {head:?}"
+        );
+        let doc: serde_json::Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("expected a JSON body, got {body:?}: {e}"));
+        let fields: Vec<&String> = doc
+            .as_object()
+            .map(|o| o.keys().collect())
+            .unwrap_or_default();
+        assert_eq!(
+            fields,
+            ["code", "message"],
+            "expected {{code, message}}, got {body}"
+        );
+        (
+            status,
+            doc["code"].as_str().unwrap().to_owned(),
+            doc["message"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    fn active(expires_in: i64) -> ProviderState {
+        let now = SharedTimeSource::default().now();
+        let expiry = if expires_in >= 0 {
+            now + Duration::from_secs(expires_in.unsigned_abs())
+        } else {
+            now - Duration::from_secs(expires_in.unsigned_abs())
+        };
+        ProviderState::Active {
+            current: RoleCredentials {
+                role: "r".into(),
+                credentials: Arc::new(Credentials::new("ASIAKEY", "secret", "token", expiry)),
+            },
+            last_error: None,
+        }
+    }
+
     #[tokio::test]
     async fn a_request_without_a_token_is_answered_closed_and_counted() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let (_state_tx, state) = watch::channel(ProviderState::Starting);
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_with_metrics(
-            listener,
-            SecretString::new("t".repeat(64)),
-            state,
-            SharedTimeSource::default(),
-            metrics.clone(),
-            async {
-                let _ = stop_rx.await;
-            },
-        ));
-
+        let endpoint = Endpoint::start(ProviderState::Starting).await;
         // Keep-alive by default: only the agent's `Connection: close` ends it.
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(format!("GET /credentials HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut raw = Vec::new();
-        tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut raw))
-            .await
-            .expect("the agent closes the connection")
-            .unwrap();
-        let raw = String::from_utf8_lossy(&raw).to_lowercase();
+        let (head, body) = endpoint.get("").await;
         assert!(
-            raw.starts_with("http/1.1 401") && raw.contains("\r\nconnection: close\r\n"),
-            "expected 401 with Connection: close, got {raw}"
+            head.contains("\r\nconnection: close"),
+            "expected Connection: close, got {head}"
         );
+        let (status, code, _) = error_of(&head, &body);
+        assert_eq!((status, code.as_str()), (400, "NoIdInRequest"), "{body}");
 
-        let rendered = metrics.render(&ProviderState::Starting, std::time::SystemTime::UNIX_EPOCH);
+        let rendered = endpoint
+            .metrics
+            .render(&ProviderState::Starting, std::time::SystemTime::UNIX_EPOCH);
         let series =
             "imds_agent_refused_connections_total{endpoint=\"container\",reason=\"no_token\"} 1";
         assert!(
             rendered.contains(series),
             "expected {series} in:\n{rendered}"
         );
-        let _ = stop_tx.send(());
-        server.await.unwrap().unwrap();
+        endpoint.stop().await;
+    }
+
+    #[tokio::test]
+    async fn refusals_carry_the_ecs_agents_codes_and_statuses() {
+        let endpoint = Endpoint::start(active(3600)).await;
+        for (headers, want_status, want_code) in [
+            ("", 400, "NoIdInRequest"),
+            ("Authorization: \r\n", 400, "NoIdInRequest"),
+            ("Authorization: wrong\r\n", 400, "InvalidIdInRequest"),
+            (
+                &format!("Authorization: Bearer {TOKEN}\r\n") as &str,
+                400,
+                "InvalidIdInRequest",
+            ),
+            (
+                &format!("Origin: http://attacker.example\r\nAuthorization: {TOKEN}\r\n"),
+                403,
+                "AccessDenied",
+            ),
+        ] {
+            let (head, body) = endpoint.get(headers).await;
+            let (status, code, message) = error_of(&head, &body);
+            assert_eq!(
+                (status, code.as_str()),
+                (want_status, want_code),
+                "for headers {headers:?}: expected {want_status} {want_code}, got {status} {body}"
+            );
+            assert!(
+                !message.contains(TOKEN),
+                "the token reached a message: {message}"
+            );
+        }
+        endpoint.stop().await;
+    }
+
+    #[tokio::test]
+    async fn the_provider_state_maps_to_the_ecs_agents_codes() {
+        let endpoint = Endpoint::start(ProviderState::Starting).await;
+        let authorised = format!("Authorization: {TOKEN}\r\n");
+        let unavailable = || Error::from(ErrorKind::Unreachable);
+        let stale = active(-60).current().cloned();
+        for (state, want_status, want_code) in [
+            (ProviderState::Starting, 503, "CredentialsUninitialized"),
+            (
+                ProviderState::Unavailable {
+                    error: unavailable(),
+                    stale: None,
+                },
+                503,
+                "CredentialsUninitialized",
+            ),
+            (ProviderState::NoRole, 400, "NoCredentialsAssociated"),
+            (
+                ProviderState::Unavailable {
+                    error: unavailable(),
+                    stale,
+                },
+                500,
+                "InternalServerError",
+            ),
+            (active(-60), 500, "InternalServerError"),
+        ] {
+            let what = format!("{state:?}");
+            endpoint.state.send_replace(state);
+            let (head, body) = endpoint.get(&authorised).await;
+            let (status, code, message) = error_of(&head, &body);
+            assert_eq!(
+                (status, code.as_str()),
+                (want_status, want_code),
+                "in state {what}: expected {want_status} {want_code}, got {status} {body}"
+            );
+            assert!(!message.is_empty(), "an empty message in state {what}");
+            assert!(!body.contains("secret"), "a secret in {body}");
+        }
+        endpoint.state.send_replace(active(3600));
+        let (head, body) = endpoint.get(&authorised).await;
+        assert!(
+            head.starts_with("http/1.1 200"),
+            "expected 200, got {head} {body}"
+        );
+        endpoint.stop().await;
     }
 }

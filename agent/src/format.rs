@@ -2,14 +2,19 @@
 //!
 //! Two shapes, both read by every AWS SDK:
 //! - the `credential_process` document (`Version: 1`), used by `GET /credentials`
-//!   on the Unix socket, the `--json-file` output and `imds-agent credential-process`;
+//!   on the Unix socket, the `--json-file` output and `imds-agent credential-process`,
+//!   with `AccountId` when IMDS's extended credentials document gives it
+//!   (botocore and the AWS SDK for Rust read it);
 //! - the container-credentials document (`AccessKeyId`, `SecretAccessKey`,
-//!   `Token`, `Expiration`), served on the container endpoint.
+//!   `Token`, `Expiration`, and `RoleArn`, `AccountId` when known), served on
+//!   the container endpoint.
 //!
 //! These functions are the only places the agent serialises secrets.
 
 use imds_client::RoleCredentials;
 use serde::Serialize;
+
+use crate::container::InstanceProfile;
 
 /// The `credential_process` output document (AWS CLI / SDK "sourcing
 /// credentials with an external process").
@@ -53,19 +58,24 @@ pub fn credential_process_json(current: &RoleCredentials) -> String {
     serde_json::to_string_pretty(&doc).expect("a struct of strings always serialises")
 }
 
-/// Renders `current` as a container-credentials JSON document, with the role
-/// ARN when the account id is known.
-pub fn container_credentials_json(current: &RoleCredentials) -> String {
+/// Renders `current` as a container-credentials JSON document. `RoleArn`
+/// needs the partition and account of the instance's `profile` (read from
+/// `iam/info`) and is left out without it; `AccountId` comes from the
+/// credentials (IMDS's extended document), else from the profile.
+pub fn container_credentials_json(
+    current: &RoleCredentials,
+    profile: Option<&InstanceProfile>,
+) -> String {
     let creds = &current.credentials;
     let doc = ContainerCredentialsDocument {
         access_key_id: creds.access_key_id(),
         secret_access_key: creds.secret_access_key(),
         token: creds.session_token(),
         expiration: creds.expiration_rfc3339(),
-        role_arn: creds
+        role_arn: profile.map(|p| p.role_arn(&current.role)),
+        account_id: creds
             .account_id()
-            .map(|account| format!("arn:aws:iam::{account}:role/{}", current.role)),
-        account_id: creds.account_id(),
+            .or_else(|| profile.map(InstanceProfile::account)),
     };
     serde_json::to_string_pretty(&doc).expect("a struct of strings always serialises")
 }
@@ -93,6 +103,17 @@ mod tests {
         }
     }
 
+    fn without_account(mut current: RoleCredentials) -> RoleCredentials {
+        let c = &current.credentials;
+        current.credentials = Arc::new(Credentials::new(
+            c.access_key_id(),
+            c.secret_access_key(),
+            c.session_token(),
+            c.expiration(),
+        ));
+        current
+    }
+
     #[test]
     fn credential_process_document_has_version_1_and_all_fields() {
         let doc: serde_json::Value =
@@ -102,13 +123,47 @@ mod tests {
         assert_eq!(doc["SecretAccessKey"], "secret/key");
         assert_eq!(doc["SessionToken"], "session-token");
         assert_eq!(doc["Expiration"], "2026-11-18T11:06:40Z");
+        assert_eq!(doc["AccountId"], "123456789012");
     }
 
     #[test]
-    fn container_document_names_the_role_arn() {
+    fn credential_process_document_leaves_an_unknown_account_out() {
         let doc: serde_json::Value =
-            serde_json::from_str(&container_credentials_json(&sample())).unwrap();
+            serde_json::from_str(&credential_process_json(&without_account(sample()))).unwrap();
+        assert_eq!(doc.get("AccountId"), None, "expected no AccountId in {doc}");
+    }
+
+    #[test]
+    fn container_document_names_the_role_arn_in_the_instance_partition() {
+        let profile =
+            InstanceProfile::from_arn("arn:aws-cn:iam::210987654321:instance-profile/p").unwrap();
+        let doc: serde_json::Value =
+            serde_json::from_str(&container_credentials_json(&sample(), Some(&profile))).unwrap();
         assert_eq!(doc["Token"], "session-token");
-        assert_eq!(doc["RoleArn"], "arn:aws:iam::123456789012:role/app-role");
+        assert_eq!(doc["RoleArn"], "arn:aws-cn:iam::210987654321:role/app-role");
+        // The credentials' own account wins (they are the same on EC2).
+        assert_eq!(doc["AccountId"], "123456789012");
+
+        let doc: serde_json::Value = serde_json::from_str(&container_credentials_json(
+            &without_account(sample()),
+            Some(&profile),
+        ))
+        .unwrap();
+        assert_eq!(doc["AccountId"], "210987654321");
+    }
+
+    #[test]
+    fn container_document_leaves_the_role_arn_out_without_the_instance_profile() {
+        let doc: serde_json::Value =
+            serde_json::from_str(&container_credentials_json(&sample(), None)).unwrap();
+        assert_eq!(doc.get("RoleArn"), None, "expected no RoleArn in {doc}");
+        assert_eq!(doc["AccountId"], "123456789012");
+        let doc: serde_json::Value = serde_json::from_str(&container_credentials_json(
+            &without_account(sample()),
+            None,
+        ))
+        .unwrap();
+        assert_eq!(doc.get("RoleArn"), None, "expected no RoleArn in {doc}");
+        assert_eq!(doc.get("AccountId"), None, "expected no AccountId in {doc}");
     }
 }

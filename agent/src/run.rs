@@ -133,6 +133,17 @@ fn lexical(path: &Path) -> std::path::PathBuf {
 /// Builds the IMDS client and the provider from the flags; every failed
 /// request to IMDS is counted in `metrics`.
 pub fn provider(args: &RunArgs, metrics: Arc<Metrics>) -> anyhow::Result<ImdsCredentialsProvider> {
+    let mut provider = ImdsCredentialsProvider::builder()
+        .imds_client(imds_client(args)?)
+        .on_failure(move |error| metrics.failed(error));
+    if let Some(window) = args.refresh_window {
+        provider = provider.advisory_refresh_window(Duration::from_secs(window));
+    }
+    Ok(provider.build())
+}
+
+/// An IMDS client configured from the flags.
+pub fn imds_client(args: &RunArgs) -> anyhow::Result<ImdsClient> {
     let mut builder = ImdsClient::builder();
     if let Some(endpoint) = &args.imds_endpoint {
         builder = builder.endpoint(endpoint).context("--imds-endpoint")?;
@@ -151,17 +162,10 @@ pub fn provider(args: &RunArgs, metrics: Arc<Metrics>) -> anyhow::Result<ImdsCre
     }
     // The agent polls on its own schedule: no memo of an unreachable IMDS,
     // so that it delivers at the first poll after IMDS comes up (early boot).
-    let client = builder
+    builder
         .unreachable_memo(Duration::ZERO)
         .build()
-        .context("configuring the IMDS client")?;
-    let mut provider = ImdsCredentialsProvider::builder()
-        .imds_client(client)
-        .on_failure(move |error| metrics.failed(error));
-    if let Some(window) = args.refresh_window {
-        provider = provider.advisory_refresh_window(Duration::from_secs(window));
-    }
-    Ok(provider.build())
+        .context("configuring the IMDS client")
 }
 
 fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
@@ -328,6 +332,7 @@ pub async fn run(
                 provider.subscribe(),
                 clock.clone(),
                 metrics.clone(),
+                Some(imds_client(&args)?),
                 shutdown.clone().wait_owned(),
             ),
         ));

@@ -218,6 +218,13 @@ impl MockImds {
         self.shared.role()
     }
 
+    /// The partition in `iam/info`'s `InstanceProfileArn` (`aws-cn` gives
+    /// `arn:aws-cn:iam::123456789012:instance-profile/ROLE`). Default: `aws`.
+    pub fn set_partition(&self, partition: impl Into<String>) {
+        let partition = partition.into();
+        self.shared.with_state(|s| s.partition = partition);
+    }
+
     /// Issues new credentials now.
     pub fn rotate(&self) {
         self.shared.rotate();

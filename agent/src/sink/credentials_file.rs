@@ -1,4 +1,8 @@
 //! The AWS shared-credentials file output (`~/.aws/credentials` format).
+//!
+//! Our profile holds the three keys, and `aws_account_id` when IMDS names
+//! the account (its extended credentials document), as botocore and the
+//! AWS SDK for Rust read it.
 
 use std::path::PathBuf;
 use std::time::SystemTime;
@@ -67,7 +71,7 @@ impl Sink for CredentialsFileSink {
     fn publish(&self, current: &RoleCredentials) -> anyhow::Result<()> {
         check_complete(current)?;
         let c = &current.credentials;
-        let body = format!(
+        let mut body = format!(
             "# managed by imds-agent: role {}, expires {}\n\
              aws_access_key_id = {}\n\
              aws_secret_access_key = {}\n\
@@ -78,6 +82,11 @@ impl Sink for CredentialsFileSink {
             c.secret_access_key(),
             c.session_token()
         );
+        // botocore and the AWS SDK for Rust read the account from here
+        // (account-based endpoints); IMDS gives it on the extended path.
+        if let Some(account) = c.account_id() {
+            body.push_str(&format!("aws_account_id = {account}\n"));
+        }
         self.output
             .publish(|old| {
                 replace_section(old.unwrap_or_default(), &self.profile, Some(&body)).map(Some)
@@ -100,5 +109,54 @@ impl Sink for CredentialsFileSink {
                 format!("removing credentials from {}", self.output.path().display())
             })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use imds_client::Credentials;
+
+    use super::*;
+    use crate::sink::ini::section_values;
+
+    fn published(account: Option<&str>) -> Vec<(String, String)> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials");
+        let sink =
+            CredentialsFileSink::new(path.clone(), "p".into(), FileOptions::default()).unwrap();
+        let mut credentials = Credentials::new(
+            "ASIAEXAMPLEEXAMPLE12",
+            "secret",
+            "token",
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        );
+        if let Some(account) = account {
+            credentials = credentials.with_account_id(account);
+        }
+        sink.publish(&RoleCredentials {
+            role: "r".into(),
+            credentials: Arc::new(credentials),
+        })
+        .unwrap();
+        let text = std::fs::read(&path).unwrap();
+        section_values(&text, "p").expect("our profile is in the file")
+    }
+
+    #[test]
+    fn the_profile_names_the_account_when_imds_gives_it() {
+        let values = published(Some("123456789012"));
+        assert!(
+            values.contains(&("aws_account_id".into(), "123456789012".into())),
+            "expected aws_account_id = 123456789012 in {values:?}"
+        );
+        let values = published(None);
+        assert!(
+            values.iter().all(|(k, _)| k != "aws_account_id"),
+            "expected no aws_account_id in {values:?}"
+        );
+        assert_eq!(values.len(), 3, "the three keys, got {values:?}");
     }
 }

@@ -240,7 +240,10 @@ fn metadata(app: &App, path: &str, extended: bool, fault: Option<Fault>) -> Resp
             Some(role) => json(serde_json::json!({
                 "Code": "Success",
                 "LastUpdated": last_updated(app),
-                "InstanceProfileArn": format!("arn:aws:iam::{ACCOUNT_ID}:instance-profile/{role}"),
+                "InstanceProfileArn": format!(
+                    "arn:{}:iam::{ACCOUNT_ID}:instance-profile/{role}",
+                    app.shared.with_state(|s| s.partition.clone())
+                ),
                 "InstanceProfileId": "AIPAEXAMPLEPROFILEID0",
             })),
         },

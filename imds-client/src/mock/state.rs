@@ -55,6 +55,8 @@ pub(crate) struct State {
     pub(crate) enabled: bool,
     pub(crate) extended: bool,
     pub(crate) skew_seconds: i64,
+    /// The partition in `iam/info`'s instance-profile ARN.
+    pub(crate) partition: String,
     faults: Vec<ActiveFault>,
     counts: RequestCounts,
 }
@@ -90,6 +92,7 @@ impl Shared {
                 enabled: true,
                 extended,
                 skew_seconds: 0,
+                partition: "aws".to_owned(),
                 faults: Vec::new(),
                 counts: RequestCounts::default(),
             }),
