@@ -16,3 +16,4 @@
 
 pub mod cache;
 pub mod config;
+pub mod tokens;

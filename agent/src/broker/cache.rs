@@ -910,6 +910,40 @@ uids = [1002]
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_advisory_window_is_jittered_per_process() {
+        // Agents started with different seeds (different processes) refresh
+        // at different times, so a fleet does not call STS on one tick.
+        let clock = ManualTimeSource::new(SystemTime::UNIX_EPOCH + START);
+        let config = Config::parse(CONFIG, Path::new("/etc/imds-agent/agent.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let expiry = clock.now() + Duration::from_secs(3600);
+        let mut starts = Vec::new();
+        for seed in 0..20 {
+            let broker = Broker::builder(FakeSts::new(&clock, Duration::ZERO))
+                .config(&config)
+                .time_source(SharedTimeSource::new(clock.clone()))
+                .jitter_seed(seed)
+                .build();
+            let state = active("instance", "ASIAINSTANCE0001", &clock);
+            broker.credentials("web", &state).await.expect("session");
+            let at = broker.next_refresh("web").expect("cached");
+            let before = expiry.duration_since(at).expect("before expiry");
+            assert!(
+                (Duration::from_secs(720)..=Duration::from_secs(900)).contains(&before),
+                "the advisory window starts 12 to 15 minutes before expiry, not {before:?}"
+            );
+            starts.push(before);
+        }
+        starts.sort();
+        starts.dedup();
+        assert!(
+            starts.len() >= 10,
+            "20 processes, only {} refresh times",
+            starts.len()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_sts_outage_keeps_valid_sessions_until_they_expire() {
         let h = harness(Duration::ZERO);
         let state = active("instance", "ASIAINSTANCE0001", &h.clock);
@@ -948,6 +982,14 @@ uids = [1002]
             "expected the transient STS error after expiry, got {}",
             key(&after)
         );
+        for _ in 0..10 {
+            let again = h.broker.credentials("billing", &state).await;
+            assert!(
+                again.is_err(),
+                "an expired session is never served, got {}",
+                key(&again)
+            );
+        }
         // STS back: the next call after the backoff assumes again.
         h.sts.outage(None);
         h.clock.advance(MAX_TRANSIENT_BACKOFF);
