@@ -64,6 +64,19 @@ pub const MAX_TRANSIENT_BACKOFF: Duration = Duration::from_secs(60);
 pub const THROTTLED_BACKOFF: Duration = Duration::from_secs(10);
 /// Longest backoff after `Throttling`.
 pub const MAX_THROTTLED_BACKOFF: Duration = Duration::from_secs(5 * 60);
+/// Shortest wait between two polls of one consumer ([`Broker::poll_interval`]).
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One consumer as `/healthz` may show it ([`Broker::status`]): no keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerStatus {
+    /// The consumer's name.
+    pub name: String,
+    /// When its session expires; `None`: it has no valid session.
+    pub expiration: Option<SystemTime>,
+    /// The last STS failure, until the next success (no secrets).
+    pub last_error: Option<String>,
+}
 
 /// Obtains a consumer's session from STS. The STS client implements it;
 /// tests implement it with fakes.
@@ -371,16 +384,39 @@ impl<A: AssumeRole> Broker<A> {
     }
 
     /// The credentials of the consumer `name`, given what the instance
-    /// provider publishes now (`instance`).
+    /// provider publishes now (`instance_state`): for a peer asking.
     ///
     /// Answers from the cache while the session is fresh; refreshes in the
-    /// background inside the advisory window; waits for one shared
-    /// `AssumeRole` when there is no valid session or inside the mandatory
-    /// window. `ProviderState::NoRole` withdraws every consumer's session.
+    /// background inside the advisory window (the caller gets the cached
+    /// session at once); waits for one shared `AssumeRole` when there is no
+    /// valid session or inside the mandatory window. `ProviderState::NoRole`
+    /// withdraws every consumer's session.
     pub async fn credentials(
         &self,
         name: &str,
         instance_state: &ProviderState,
+    ) -> Result<RoleCredentials, BrokerError> {
+        self.get(name, instance_state, false).await
+    }
+
+    /// As [`credentials`](Self::credentials), for a poller keeping the
+    /// consumer's files current: inside the advisory window it waits for the
+    /// refresh (shared with any other caller) and returns the new session.
+    /// Call it again after [`poll_interval`](Self::poll_interval), or when
+    /// the instance state changes.
+    pub async fn poll(
+        &self,
+        name: &str,
+        instance_state: &ProviderState,
+    ) -> Result<RoleCredentials, BrokerError> {
+        self.get(name, instance_state, true).await
+    }
+
+    async fn get(
+        &self,
+        name: &str,
+        instance_state: &ProviderState,
+        poll: bool,
     ) -> Result<RoleCredentials, BrokerError> {
         let slot = self
             .inner
@@ -394,6 +430,7 @@ impl<A: AssumeRole> Broker<A> {
         }
         match self.decide(slot, &instance) {
             Action::Serve(current) => return Ok(current),
+            Action::ServeAndRefresh(_) if poll => {}
             Action::ServeAndRefresh(current) => {
                 if let (Instance::Active(with), Ok(guard)) =
                     (&instance, Arc::clone(&slot.load).try_lock_owned())
@@ -413,15 +450,16 @@ impl<A: AssumeRole> Broker<A> {
             Action::Load => {}
         }
         let Instance::Active(with) = instance else {
-            unreachable!("decide loads only with an active instance role")
+            unreachable!("decide refreshes only with an active instance role")
         };
         let generation = self.inner.generation.load(Ordering::SeqCst);
         let _guard = slot.load.lock().await;
         // Whoever held the lock before may have loaded (or failed): take that.
         match self.decide(slot, &Instance::Active(with)) {
-            Action::Serve(current) | Action::ServeAndRefresh(current) => Ok(current),
+            Action::Serve(current) => Ok(current),
+            Action::ServeAndRefresh(current) if !poll => Ok(current),
             Action::Fail(error) => Err(error),
-            Action::Load => self.load(slot, with, generation).await,
+            Action::ServeAndRefresh(_) | Action::Load => self.load(slot, with, generation).await,
         }
     }
 
@@ -478,9 +516,9 @@ impl<A: AssumeRole> Broker<A> {
         withdrawn
     }
 
-    /// When a poller (one keeping a consumer's files current) should call
-    /// [`credentials`](Self::credentials) again: the start of the advisory
-    /// window, or the end of a backoff. `None`: now (nothing is cached).
+    /// When the consumer's session next needs a refresh: the start of its
+    /// advisory window, or the end of a backoff after a failure, whichever
+    /// is later. `None`: nothing is cached or remembered (or no such consumer).
     pub fn next_refresh(&self, name: &str) -> Option<SystemTime> {
         let slot = self.inner.slots.get(name)?;
         let state = lock(&slot.state);
@@ -490,6 +528,44 @@ impl<A: AssumeRole> Broker<A> {
             (Some(a), Some(r)) => Some(a.max(r)),
             (a, r) => a.or(r),
         }
+    }
+
+    /// How long a poller waits before its next [`poll`](Self::poll) of the
+    /// consumer `name` (unless the instance state changes first): until
+    /// [`next_refresh`](Self::next_refresh), and at least
+    /// [`MIN_POLL_INTERVAL`] (so a refresh that cannot happen now, with the
+    /// instance credentials unavailable, is not polled in a tight loop).
+    pub fn poll_interval(&self, name: &str) -> Duration {
+        let now = self.inner.clock.now();
+        self.next_refresh(name)
+            .and_then(|at| at.duration_since(now).ok())
+            .unwrap_or_default()
+            .max(MIN_POLL_INTERVAL)
+    }
+
+    /// What `/healthz` and `/metrics` may show of every consumer: names,
+    /// expiry and the last failure, never a key.
+    pub fn status(&self) -> Vec<ConsumerStatus> {
+        let now = self.inner.clock.now();
+        let mut all: Vec<ConsumerStatus> = self
+            .inner
+            .slots
+            .values()
+            .map(|slot| {
+                let state = lock(&slot.state);
+                ConsumerStatus {
+                    name: slot.consumer.name.clone(),
+                    expiration: state
+                        .session
+                        .as_ref()
+                        .map(|s| s.current.credentials.expiration())
+                        .filter(|&e| e > now),
+                    last_error: state.failure.as_ref().map(|f| f.error.to_string()),
+                }
+            })
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 
     /// (advisory_at, mandatory_at) of a session.
@@ -907,6 +983,45 @@ uids = [1002]
             "ASIABILLING0003"
         );
         assert_eq!(h.sts.count(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poller_waits_for_the_advisory_refresh_and_is_told_when_to_come_back() {
+        let h = harness(Duration::from_secs(1));
+        let state = active("instance", "ASIAINSTANCE0001", &h.clock);
+        assert_eq!(
+            key(&h.broker.poll("billing", &state).await),
+            "ASIABILLING0001"
+        );
+        let wait = h.broker.poll_interval("billing");
+        assert!(
+            (Duration::from_secs(2700)..=Duration::from_secs(2880)).contains(&wait),
+            "come back at the advisory window, in 45 to 48 minutes, not {wait:?}"
+        );
+        h.clock.advance(wait);
+        // A peer's call now would get the old session at once; the poller
+        // waits for the new one, to write it.
+        assert_eq!(
+            key(&h.broker.poll("billing", &state).await),
+            "ASIABILLING0002"
+        );
+        assert_eq!(h.sts.count(), 2);
+        assert!(h.broker.poll_interval("billing") > Duration::from_secs(2000));
+
+        // Nothing to do without instance credentials: polled once a second, not hot.
+        let unavailable = ProviderState::Starting;
+        assert!(h.broker.poll("web", &unavailable).await.is_err());
+        assert_eq!(h.broker.poll_interval("web"), MIN_POLL_INTERVAL);
+
+        let status = h.broker.status();
+        assert_eq!(status.len(), 2);
+        assert_eq!(status[0].name, "billing");
+        assert_eq!(
+            status[0].expiration,
+            Some(h.clock.now() + Duration::from_secs(3600))
+        );
+        assert_eq!(status[1].name, "web");
+        assert_eq!(status[1].expiration, None);
     }
 
     #[tokio::test(start_paused = true)]
