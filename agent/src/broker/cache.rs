@@ -637,6 +637,22 @@ impl<A: AssumeRole> Broker<A> {
         let consumer = &slot.consumer;
         let result = self.inner.assumer.assume(consumer, with).await;
         let now = self.inner.clock.now();
+        // A session that is (nearly) expired on arrival would be refreshed
+        // by every caller: this host's clock is wrong, or STS is. Backed off
+        // like any transient failure instead.
+        let result = match result {
+            Ok(current) if current.credentials.expiration() <= now + MANDATORY_WINDOW => {
+                Err(AssumeError::new(
+                    AssumeErrorKind::Transient,
+                    format!(
+                        "STS handed out a session expiring at {}, which this host's clock says \
+                         is past or within a minute. Hint: check the clock (chrony, NTP)",
+                        format_rfc3339(current.credentials.expiration())
+                    ),
+                ))
+            }
+            other => other,
+        };
         let mut state = lock(&slot.state);
         if self.inner.generation.load(Ordering::SeqCst) != generation {
             // Detached while STS answered: what it handed out is not served.
@@ -673,6 +689,7 @@ impl<A: AssumeRole> Broker<A> {
                 let valid = state
                     .session
                     .as_ref()
+                    .filter(|s| s.instance_role == with.role)
                     .filter(|s| s.current.credentials.expiration() > now)
                     .map(|s| s.current.clone());
                 let mut wait = self.backoff(kind, attempts);
@@ -763,6 +780,8 @@ mod tests {
         calls: Mutex<Vec<Call>>,
         script: Mutex<VecDeque<AssumeError>>,
         outage: Mutex<Option<AssumeError>>,
+        /// Overrides the sessions' lifetime (default: the consumer's duration).
+        lifetime: Mutex<Option<Duration>>,
         serial: AtomicUsize,
     }
 
@@ -781,6 +800,7 @@ mod tests {
                 calls: Mutex::new(Vec::new()),
                 script: Mutex::new(VecDeque::new()),
                 outage: Mutex::new(None),
+                lifetime: Mutex::new(None),
                 serial: AtomicUsize::new(0),
             }))
         }
@@ -826,7 +846,8 @@ mod tests {
                     return Err(error);
                 }
                 let n = inner.serial.fetch_add(1, Ordering::SeqCst) + 1;
-                let expiry = inner.clock.now() + consumer.duration;
+                let lifetime = lock(&inner.lifetime).unwrap_or(consumer.duration);
+                let expiry = inner.clock.now() + lifetime;
                 Ok(RoleCredentials {
                     role: consumer
                         .role_arn
@@ -1022,6 +1043,34 @@ uids = [1002]
         );
         assert_eq!(status[1].name, "web");
         assert_eq!(status[1].expiration, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_expired_on_arrival_is_backed_off_not_fetched_by_every_caller() {
+        let h = harness(Duration::ZERO);
+        let state = active("instance", "ASIAINSTANCE0001", &h.clock);
+        // As if this host's clock were 59 minutes ahead of STS's.
+        *lock(&h.sts.0.lifetime) = Some(Duration::from_secs(30));
+        for _ in 0..100 {
+            let result = h.broker.credentials("billing", &state).await;
+            let Err(error) = &result else {
+                panic!(
+                    "a session expiring in 30 s is refused, got {}",
+                    key(&result)
+                )
+            };
+            assert!(
+                error.to_string().contains("Hint: check the clock"),
+                "{error}"
+            );
+        }
+        assert_eq!(h.sts.count(), 1, "backed off, not one call per caller");
+        *lock(&h.sts.0.lifetime) = None;
+        h.clock.advance(TRANSIENT_BACKOFF);
+        assert_eq!(
+            key(&h.broker.credentials("billing", &state).await),
+            "ASIABILLING0002"
+        );
     }
 
     #[tokio::test(start_paused = true)]
