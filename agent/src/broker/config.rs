@@ -226,6 +226,21 @@ impl Config {
         self.consumers.iter().find(|c| c.name == name)
     }
 
+    /// Every file a consumer names (`credentials_file`, `json_file`,
+    /// `container_token_file`) with its consumer and key, to check against
+    /// the agent's own outputs.
+    pub fn files(&self) -> impl Iterator<Item = (&Consumer, &'static str, &Path)> {
+        self.consumers.iter().flat_map(|c| {
+            [
+                ("credentials_file", &c.credentials_file),
+                ("json_file", &c.json_file),
+                ("container_token_file", &c.container_token_file),
+            ]
+            .into_iter()
+            .filter_map(move |(key, path)| path.as_deref().map(|p| (c, key, p)))
+        })
+    }
+
     /// Who the peer with this uid and **primary** gid (as `SO_PEERCRED`
     /// reports them) is: the consumer listing the uid, else the consumer
     /// listing the gid, else what `unmatched` says.
@@ -381,7 +396,11 @@ impl Checker<'_> {
             // syntax errors rather than problems that follow from them.
             for error in errors {
                 let span = error.span().unwrap_or(0..0);
-                let message = format!("TOML syntax: {}", error.message().trim_end());
+                let mut message = format!("TOML syntax: {}", error.message().trim_end());
+                let snippet = self.text.get(span.clone()).unwrap_or("").trim();
+                if (1..=40).contains(&snippet.len()) && !snippet.contains('\n') {
+                    message.push_str(&format!(" (at `{snippet}`)"));
+                }
                 self.problem(&span, None, None, message);
             }
             return config;
@@ -1046,6 +1065,31 @@ container_token_file = "/run/imds-agent/tokens/web"
         assert_eq!(shipper.duration, DEFAULT_DURATION);
         assert!(shipper.source_identity && shipper.session_tags);
 
+        let files: Vec<(&str, &str, &Path)> = config
+            .files()
+            .map(|(c, key, path)| (c.name.as_str(), key, path))
+            .collect();
+        assert_eq!(
+            files,
+            [
+                (
+                    "billing",
+                    "credentials_file",
+                    Path::new("/home/billing/.aws/credentials")
+                ),
+                (
+                    "billing",
+                    "json_file",
+                    Path::new("/run/imds-agent/billing.json")
+                ),
+                (
+                    "web@app.v2",
+                    "container_token_file",
+                    Path::new("/run/imds-agent/tokens/web")
+                ),
+            ]
+        );
+
         let web = config.consumer("web@app.v2").expect("web");
         assert_eq!(
             web.container_token_file.as_deref(),
@@ -1235,6 +1279,10 @@ gids = [2000]
                 &[
                     "/etc/imds-agent/agent.toml:7: consumer \"b\", key `credentials_file`: /run/x is also the `json_file` of consumer \"a\" (line 3): each output needs a file of its own",
                 ],
+            ),
+            (
+                "[[consumer]]\nname = \"a\"\nuids = [1]\nuids = [2]\n",
+                &["/etc/imds-agent/agent.toml:4: TOML syntax: duplicate key (at `uids`)"],
             ),
             (
                 "[[consumer]]\nname = \"a\"\nuids = [1\n",
