@@ -1,0 +1,4 @@
+//! The credential broker: per-consumer role sessions obtained from STS with
+//! the instance role's credentials.
+
+pub mod sts;
