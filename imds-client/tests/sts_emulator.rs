@@ -443,3 +443,98 @@ async fn long_sessions_need_credentials_that_are_not_a_role_session() {
     .await;
     assert_eq!(code(result), "ValidationError");
 }
+
+/// POSTs `sent` to the emulator with a SigV4 signature computed over
+/// `signed`, for `service` at `at`; returns the status and body.
+async fn raw_post(
+    sts: &MockSts,
+    creds: &Credentials,
+    signed: &str,
+    sent: &str,
+    service: &str,
+    at: SystemTime,
+) -> (u16, String) {
+    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+    const CONTENT_TYPE: &str = "application/x-www-form-urlencoded; charset=utf-8";
+    let identity = creds.to_aws_credentials("test").into();
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region("us-east-1")
+        .name(service)
+        .time(at)
+        .settings(SigningSettings::default())
+        .build()
+        .unwrap()
+        .into();
+    let url = format!("{}/", sts.endpoint());
+    let request = SignableRequest::new(
+        "POST",
+        url.as_str(),
+        [("content-type", CONTENT_TYPE)].into_iter(),
+        SignableBody::Bytes(signed.as_bytes()),
+    )
+    .unwrap();
+    let (instructions, _) = sign(request, &params).unwrap().into_parts();
+    let mut builder = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", CONTENT_TYPE)
+        .body(sent.to_owned());
+    for (name, value) in instructions.headers() {
+        builder = builder.header(name, value);
+    }
+    let response = builder.send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn the_signature_covers_the_body_the_date_and_the_service() {
+    let clock = ManualTimeSource::new(imds_client::SystemTimeSource.now());
+    let imds = MockImds::builder()
+        .role("instance-role")
+        .time_source(SharedTimeSource::new(clock.clone()))
+        .start()
+        .await
+        .unwrap();
+    let sts = MockSts::for_imds(&imds).start().await.unwrap();
+    let creds = imds.current_credentials().unwrap();
+    let now = clock.now();
+    let body = "Action=GetCallerIdentity&Version=2011-06-15";
+
+    let (status, text) = raw_post(&sts, &creds, body, body, "sts", now).await;
+    assert_eq!(status, 200, "a correct signature is accepted: {text}");
+    assert!(text.contains("<GetCallerIdentityResult>"), "{text}");
+
+    let tampered = "Action=GetCallerIdentity&Version=2011-06-15&Extra=1";
+    let (status, text) = raw_post(&sts, &creds, body, tampered, "sts", now).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.contains("<Code>SignatureDoesNotMatch</Code>"),
+        "{text}"
+    );
+
+    let stale = now - Duration::from_secs(16 * 60);
+    let (status, text) = raw_post(&sts, &creds, body, body, "sts", stale).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("Signature expired"), "{text}");
+
+    let (status, text) = raw_post(&sts, &creds, body, body, "s3", now).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("correct service: 'sts'"), "{text}");
+
+    let response = reqwest::Client::new()
+        .post(format!("{}/", sts.endpoint()))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 403);
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains("<Code>MissingAuthenticationToken</Code>"),
+        "{text}"
+    );
+    assert!(
+        text.contains("<Type>Sender</Type>") && text.contains("<RequestId>"),
+        "{text}"
+    );
+}
