@@ -538,3 +538,74 @@ async fn the_signature_covers_the_body_the_date_and_the_service() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn the_control_surface_denies_roles_injects_faults_and_lists_calls() {
+    let e = emulators().await;
+    let creds = instance_credentials(&e);
+    let http = reqwest::Client::new();
+    let control = |path: &str| format!("{}/_mock/{path}", e.sts.endpoint());
+    let status = |r: reqwest::Response| r.status().as_u16();
+
+    let denied = http
+        .put(control("deny"))
+        .body(ROLE_ARN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(denied), 204);
+    let client = sdk_with(&e.sts, &creds);
+    let assume = || {
+        client
+            .assume_role()
+            .role_arn(ROLE_ARN)
+            .role_session_name(SESSION)
+    };
+    assert_eq!(code(assume().send().await), "AccessDenied");
+    let allowed = http
+        .delete(control("deny"))
+        .body(ROLE_ARN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(allowed), 204);
+
+    let fault = r#"{"fault": "throttling", "requests": 1}"#;
+    let injected = http
+        .post(control("fault"))
+        .body(fault)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(injected), 204);
+    assert_eq!(code(assume().send().await), "Throttling");
+    assume().send().await.expect("the fault lasted one request");
+
+    for bad in [
+        r#"{"fault": "server-error", "status": 404}"#,
+        r#"{"fault": "throttling", "requests": 0}"#,
+        r#"{"fault": "nonsense"}"#,
+    ] {
+        let refused = http.post(control("fault")).body(bad).send().await.unwrap();
+        assert_eq!(status(refused), 400, "{bad} should be refused");
+    }
+
+    let listed = http.get(control("calls")).send().await.unwrap();
+    let calls: serde_json::Value = serde_json::from_str(&listed.text().await.unwrap()).unwrap();
+    let outcomes: Vec<String> = calls
+        .as_array()
+        .expect("a JSON array of calls")
+        .iter()
+        .map(|c| c["outcome"].to_string())
+        .collect();
+    assert_eq!(outcomes.len(), 3, "{calls}");
+    assert!(
+        outcomes[0].contains("AccessDenied") && outcomes[1].contains("Throttling"),
+        "{calls}"
+    );
+    assert_eq!(calls[2]["role_session_name"], SESSION);
+    assert!(!calls.to_string().contains(creds.secret_access_key()));
+    let cleared = http.delete(control("calls")).send().await.unwrap();
+    assert_eq!(status(cleared), 204);
+    assert!(e.sts.calls().is_empty());
+}

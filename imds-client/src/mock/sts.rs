@@ -39,6 +39,14 @@
 //!    identity on roles marked with [`MockSts::deny_tag_session`] or
 //!    [`MockSts::deny_set_source_identity`].
 //!
+//! # Control surface
+//!
+//! Paths real STS never serves, on the same listener: `GET`/`DELETE
+//! /_mock/calls` (the recorded calls as JSON / forget them), `POST /_mock/fault`
+//! (`{"fault": "throttling"}` or `{"fault": "server-error", "status": 503}`,
+//! plus `"requests": N` or `"seconds": S`, else until cleared), `DELETE
+//! /_mock/fault`, and `PUT`/`DELETE /_mock/deny` with a role ARN as the body.
+//!
 //! # Role chaining
 //!
 //! Every caller this emulator knows holds role credentials: IMDS serves the
@@ -69,15 +77,17 @@ use aws_sigv4::http_request::{
     SessionTokenMode, SignableBody, SignableRequest, SigningSettings, sign,
 };
 use aws_sigv4::sign::v4;
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::MockImds;
+use super::control::fault_duration;
 use super::fault::FaultDuration;
 use super::routes::{ACCOUNT_ID, INSTANCE_ID};
 use super::state::{KEY_ALPHABET, SECRET_ALPHABET, Shared, random_string};
@@ -126,8 +136,10 @@ pub fn packed_size(
     )
 }
 
-/// A misbehaviour of STS.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A misbehaviour of STS. As JSON (control surface):
+/// `{"fault": "throttling"}`, `{"fault": "server-error", "status": 503}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "fault", rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum StsFault {
     /// `400 Throttling` ("Rate exceeded"), what STS answers over its quota.
@@ -144,7 +156,7 @@ pub enum StsFault {
 /// One request the emulator answered, for tests to inspect.
 ///
 /// Holds no secret: the caller is named by its access key id only.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct StsCall {
     /// `AssumeRole`, `GetCallerIdentity`, or what the request named.
@@ -201,7 +213,18 @@ impl MockStsBuilder {
             state: Mutex::new(StsState::default()),
         });
         let stop = CancellationToken::new();
-        let app = Router::new().fallback(handle).with_state(shared.clone());
+        let app = Router::new()
+            .route(
+                "/_mock/calls",
+                get(control_calls).delete(control_clear_calls),
+            )
+            .route(
+                "/_mock/fault",
+                post(control_inject).delete(control_clear_faults),
+            )
+            .route("/_mock/deny", put(control_deny).delete(control_allow))
+            .fallback(handle)
+            .with_state(shared.clone());
         let server_stop = stop.clone();
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -304,16 +327,7 @@ impl MockSts {
     /// Injects `fault` for `duration` (requests count every STS request).
     /// Faults stack; the oldest applicable one wins.
     pub fn inject(&self, fault: StsFault, duration: FaultDuration) {
-        let (remaining, until) = match duration {
-            FaultDuration::Requests(n) => (Some(n), None),
-            FaultDuration::For(d) => (None, tokio::time::Instant::now().checked_add(d)),
-            FaultDuration::Forever => (None, None),
-        };
-        self.shared.lock().faults.push(ActiveFault {
-            fault,
-            remaining,
-            until,
-        });
+        self.shared.inject(fault, duration);
     }
 
     /// Removes every injected fault.
@@ -385,6 +399,19 @@ impl StsShared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn inject(&self, fault: StsFault, duration: FaultDuration) {
+        let (remaining, until) = match duration {
+            FaultDuration::Requests(n) => (Some(n), None),
+            FaultDuration::For(d) => (None, tokio::time::Instant::now().checked_add(d)),
+            FaultDuration::Forever => (None, None),
+        };
+        self.lock().faults.push(ActiveFault {
+            fault,
+            remaining,
+            until,
+        });
+    }
+
     fn take_fault(&self) -> Option<StsFault> {
         let now = tokio::time::Instant::now();
         let mut state = self.lock();
@@ -397,6 +424,65 @@ impl StsShared {
         }
         Some(active.fault.clone())
     }
+}
+
+// The control surface: paths real STS never serves (it answers `POST /`).
+
+async fn control_calls(State(sts): State<Arc<StsShared>>) -> Json<Vec<StsCall>> {
+    Json(sts.lock().calls.clone())
+}
+
+async fn control_clear_calls(State(sts): State<Arc<StsShared>>) -> StatusCode {
+    sts.lock().calls.clear();
+    StatusCode::NO_CONTENT
+}
+
+/// `POST /_mock/fault` body: a [`StsFault`] plus an optional `"requests"`
+/// count or `"seconds"` duration (else until cleared).
+#[derive(serde::Deserialize)]
+struct FaultRequest {
+    #[serde(flatten)]
+    fault: StsFault,
+    requests: Option<u32>,
+    seconds: Option<f64>,
+}
+
+async fn control_inject(State(sts): State<Arc<StsShared>>, body: String) -> Response {
+    let bad =
+        |why: String| (StatusCode::BAD_REQUEST, format!("invalid fault: {why}\n")).into_response();
+    let request: FaultRequest = match serde_json::from_str(&body) {
+        Ok(request) => request,
+        Err(e) => return bad(e.to_string()),
+    };
+    if let StsFault::ServerError { status } = request.fault
+        && !(500..=599).contains(&status)
+    {
+        return bad(format!("status must be from 500 to 599, got {status}"));
+    }
+    match fault_duration(request.requests, request.seconds) {
+        Ok(duration) => {
+            sts.inject(request.fault, duration);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(why) => bad(why),
+    }
+}
+
+async fn control_clear_faults(State(sts): State<Arc<StsShared>>) -> StatusCode {
+    sts.lock().faults.clear();
+    StatusCode::NO_CONTENT
+}
+
+/// `PUT /_mock/deny` body: a role ARN whose `AssumeRole` is denied.
+async fn control_deny(State(sts): State<Arc<StsShared>>, body: String) -> StatusCode {
+    sts.lock().denied.insert(body.trim().to_owned());
+    StatusCode::NO_CONTENT
+}
+
+/// `DELETE /_mock/deny` body: a role ARN assumable again.
+async fn control_allow(State(sts): State<Arc<StsShared>>, body: String) -> StatusCode {
+    sts.lock().denied.remove(body.trim());
+    StatusCode::NO_CONTENT
 }
 
 /// An STS error answer.
