@@ -38,7 +38,11 @@
 //! [`StsClientBuilder::instance_region`] (what IMDS says). An endpoint URL
 //! must be `https://`, or `http://` to a loopback address only (the emulator,
 //! a local proxy): a signed request carries the session token, and plain
-//! HTTP across a network would expose it.
+//! HTTP across a network would expose it. No proxy is used (the
+//! `*_PROXY` variables are ignored, as by the AWS SDK for Rust's default
+//! client): in a private subnet, reach STS through its VPC interface
+//! endpoint, named by `AWS_ENDPOINT_URL_STS` or the regional name. Redirects
+//! are not followed.
 //!
 //! # Limits, checked before any call
 //!
