@@ -8,6 +8,9 @@
 //! instance metadata", "Retrieve security credentials from instance
 //! metadata"); each handler cites the rule it implements.
 //!
+//! [`MockSts`] serves STS (`AssumeRole`, `GetCallerIdentity`) beside it, on
+//! a listener of its own, and accepts the credentials this emulator issued.
+//!
 //! Besides IMDS paths, the same listener answers a control surface under
 //! `/_mock/` (paths real IMDS never serves) to attach, replace and detach the
 //! role, rotate credentials, read request counts and inject faults. It is
@@ -27,9 +30,11 @@ mod control;
 mod fault;
 mod routes;
 mod state;
+pub mod sts;
 
 pub use fault::{Fault, FaultDuration};
 pub use state::RequestCounts;
+pub use sts::{MockSts, MockStsBuilder, StsCall, StsFault};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -98,7 +98,10 @@ const MIN_FAULT_SECONDS: f64 = 0.001;
 
 /// A fault's `requests` / `seconds` as a [`FaultDuration`]; the error names
 /// the field and its range. Never panics, whatever the numbers.
-fn fault_duration(requests: Option<u32>, seconds: Option<f64>) -> Result<FaultDuration, String> {
+pub(super) fn fault_duration(
+    requests: Option<u32>,
+    seconds: Option<f64>,
+) -> Result<FaultDuration, String> {
     match (requests, seconds) {
         (Some(_), Some(_)) => Err("give either requests or seconds, not both".into()),
         (Some(0), None) => {

@@ -50,6 +50,10 @@ pub(crate) struct ActiveFault {
 pub(crate) struct State {
     pub(crate) role: Option<String>,
     issued: Option<Issued>,
+    /// Every credential set issued and not yet expired, with its role: what
+    /// the STS emulator accepts as callers (as AWS accepts credentials until
+    /// they expire, whatever IMDS serves now).
+    history: Vec<(String, Credentials)>,
     tokens: HashMap<String, SystemTime>,
     pub(crate) tokens_required: bool,
     pub(crate) enabled: bool,
@@ -87,6 +91,7 @@ impl Shared {
             state: Mutex::new(State {
                 role,
                 issued: None,
+                history: Vec::new(),
                 tokens: HashMap::new(),
                 tokens_required,
                 enabled: true,
@@ -141,12 +146,27 @@ impl Shared {
             }
         };
         if stale {
+            let credentials = fresh_credentials(now, self.settings.lifetime);
+            let role = state.role.clone().unwrap_or_default();
+            state.history.retain(|(_, c)| c.expiration() > now);
+            state.history.truncate(MAX_HISTORY - 1);
+            state.history.insert(0, (role, credentials.clone()));
             state.issued = Some(Issued {
-                credentials: fresh_credentials(now, self.settings.lifetime),
+                credentials,
                 issued_at: now,
             });
         }
         state.issued.as_ref().map(|i| i.credentials.clone())
+    }
+
+    /// Credentials this emulator issued with `access_key_id`, and their role,
+    /// expired or not (the caller decides), while they are remembered.
+    pub(crate) fn issued_credentials(&self, access_key_id: &str) -> Option<(String, Credentials)> {
+        self.lock()
+            .history
+            .iter()
+            .find(|(_, c)| c.access_key_id() == access_key_id)
+            .cloned()
     }
 
     pub(crate) fn issue_token(&self, ttl: Duration) -> String {
@@ -221,11 +241,15 @@ impl Shared {
     }
 }
 
-const KEY_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-const SECRET_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+/// How many issued credential sets are remembered for the STS emulator.
+const MAX_HISTORY: usize = 256;
+
+pub(crate) const KEY_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+pub(crate) const SECRET_ALPHABET: &[u8] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 const TOKEN_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
-fn random_string(len: usize, alphabet: &[u8]) -> String {
+pub(crate) fn random_string(len: usize, alphabet: &[u8]) -> String {
     (0..len)
         .map(|_| alphabet[fastrand::usize(..alphabet.len())] as char)
         .collect()
