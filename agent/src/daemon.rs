@@ -357,3 +357,7 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "daemon_tests.rs"]
+mod in_process;

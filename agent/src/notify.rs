@@ -24,6 +24,11 @@ impl Notifier {
         }
     }
 
+    /// Notifies nothing (not under systemd; tests).
+    pub fn none() -> Self {
+        Self { target: None }
+    }
+
     /// Notifies the socket at `path` (`@name` for an abstract address).
     pub fn to(path: &str) -> io::Result<Self> {
         let address = match path.strip_prefix('@') {
