@@ -12,9 +12,9 @@
 //! A request refused for its token or headers is answered at once with
 //! `Connection: close`, so it holds a connection slot only while it is
 //! answered. Connections are capped in all and per peer (see
-//! `limits`); since every local process comes from `127.0.0.1`, a
+//! `http_listener`); since every local process comes from `127.0.0.1`, a
 //! loopback peer is the uid that owns its socket, asked of the kernel at
-//! accept (`limits::sock_diag`), so one user cannot take the slots
+//! accept (`http_listener::sock_diag`), so one user cannot take the slots
 //! of all the others. Refusals are counted in `/metrics` and logged
 //! sparingly.
 
@@ -33,7 +33,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::format::container_credentials_json;
-use crate::limits::{Admission, Peer, Refusal, Refusals, ServerLimits, sock_diag};
+use crate::http_listener::{Admission, Peer, Refusal, Refusals, ServerLimits, sock_diag};
 use crate::metrics::Metrics;
 
 mod instance_profile;
@@ -281,8 +281,14 @@ pub async fn serve_with_metrics(
         let peer = peer_of(stream);
         Admission::Serve(peer, app.clone().layer(Extension(peer)))
     };
-    crate::limits::serve_limited(listener, ServerLimits::default(), refusals, admit, shutdown)
-        .await;
+    crate::http_listener::serve_limited(
+        listener,
+        ServerLimits::default(),
+        refusals,
+        admit,
+        shutdown,
+    )
+    .await;
     Ok(())
 }
 

@@ -12,7 +12,7 @@ pub mod daemon;
 pub mod demo;
 pub mod doctor;
 pub mod format;
-mod limits;
+mod http_listener;
 pub mod metrics;
 pub mod metrics_listener;
 pub mod mock_imds;

@@ -15,7 +15,7 @@
 //! - `--metrics-listen 127.0.0.1:PORT`, loopback TCP for scrapers that cannot
 //!   read a Unix socket. Any local user can read it; it holds no secret.
 //!
-//! Both are bounded like the other listeners (see `limits`: per-peer and
+//! Both are bounded like the other listeners (see `http_listener`: per-peer and
 //! global connection caps, header size and time, connection lifetime), so a
 //! flood of scrapes cannot starve the credential socket's clients.
 //!
@@ -33,7 +33,7 @@ use imds_client::{ProviderState, SharedTimeSource};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::limits::{Admission, Peer, Refusals, ServerLimits, serve_limited, sock_diag};
+use crate::http_listener::{Admission, Peer, Refusals, ServerLimits, serve_limited, sock_diag};
 use crate::metrics::Metrics;
 
 /// What the metrics listener reads.

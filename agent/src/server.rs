@@ -10,7 +10,7 @@
 //! connection is accepted. A refused peer gets a fixed 403, written without
 //! waiting, and its connection is shut at once: it never holds a connection
 //! slot, and the agent never waits for its request head. Its first refusal is logged with its uid, gid and
-//! pid, further ones are summarised (see `limits`). Connections are
+//! pid, further ones are summarised (see `http_listener`). Connections are
 //! bounded in number (in all, and per uid), header size, header read time and
 //! lifetime, so one misbehaving user cannot starve the others.
 
@@ -26,8 +26,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use crate::format::credential_process_json;
-pub use crate::limits::ServerLimits;
-use crate::limits::{Admission, Peer, Refusal, Refusals, serve_limited};
+pub use crate::http_listener::ServerLimits;
+use crate::http_listener::{Admission, Peer, Refusal, Refusals, serve_limited};
 use crate::metrics::Metrics;
 use crate::metrics_listener::health;
 use crate::refresh::{Answer, Refresher};

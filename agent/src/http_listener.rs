@@ -1,6 +1,7 @@
-//! Connection limits shared by the Unix socket and the container endpoint.
+//! The shared HTTP listener: how the credential socket, the container
+//! endpoint and the metrics listener accept and bound their connections.
 //!
-//! Both serve tiny responses to local clients, some of which may misbehave:
+//! They serve tiny responses to local clients, some of which may misbehave:
 //! connect and send nothing, send slowly, send huge or non-HTTP heads, or
 //! open connections by the thousand, as a user the allow-list refuses or
 //! without a token. Three rules keep them from crowding out good clients
