@@ -10,23 +10,15 @@ use rustix::process::Signal;
 use crate::eqnice;
 use crate::util::{Running, agent, agent_against, wait_for};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The agent with a container endpoint on `port` and its token in `token_file`.
+/// The agent with a container endpoint on a port the kernel picks (learnt
+/// with [`Running::tcp_port`]) and its token in `token_file`.
 fn agent_with_container_endpoint(
     imds: &MockImds,
-    port: u16,
     token_file: &std::path::Path,
 ) -> std::process::Command {
     let mut cmd = agent_against(imds);
     cmd.arg("--container-endpoint")
-        .arg(format!("127.0.0.1:{port}"))
+        .arg("127.0.0.1:0")
         .arg("--container-token-file")
         .arg(token_file);
     cmd
@@ -53,11 +45,11 @@ async fn the_token_is_required_and_forged_requests_are_refused() {
     let imds = MockImds::builder().role("r").start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
-    let port = free_port();
-    let mut cmd = agent_with_container_endpoint(&imds, port, &token_file);
+    let mut cmd = agent_with_container_endpoint(&imds, &token_file);
     cmd.env("IMDS_AGENT_LOG", "trace");
     let log = dir.path().join("agent.log");
-    let running = Running::start_logging_to(cmd, &log);
+    let mut running = Running::start_logging_to(cmd, &log);
+    let port = running.tcp_port();
     wait_for("the token file", || token_file.exists());
     let token = std::fs::read_to_string(&token_file).unwrap();
     assert!(token.len() >= 64 && !token.ends_with('\n'), "{token:?}");
@@ -161,9 +153,9 @@ async fn a_thousand_idle_or_garbage_connections_are_bounded_and_timed_out() {
     let imds = MockImds::builder().role("r").start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
-    let port = free_port();
-    let cmd = agent_with_container_endpoint(&imds, port, &token_file);
-    let running = Running::start(cmd);
+    let cmd = agent_with_container_endpoint(&imds, &token_file);
+    let mut running = Running::start(cmd);
+    let port = running.tcp_port();
     wait_for("the token file", || token_file.exists());
     let token = std::fs::read_to_string(&token_file).unwrap();
     let host = format!("Host: 127.0.0.1:{port}\r\n");

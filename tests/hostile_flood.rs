@@ -382,16 +382,12 @@ async fn a_no_token_flood_on_the_container_endpoint_does_not_crowd_out_a_client_
     let bin = flooder_binary(dir.path());
     let token_file = dir.path().join("token");
     let log = dir.path().join("agent.log");
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
     let mut cmd = agent_against(&imds);
-    cmd.arg("--container-endpoint")
-        .arg(addr.to_string())
+    cmd.args(["--container-endpoint", "127.0.0.1:0"])
         .arg("--container-token-file")
         .arg(&token_file);
-    let running = Running::start_logging_to(cmd, &log);
+    let mut running = Running::start_logging_to(cmd, &log);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], running.tcp_port()));
     wait_for("the token file", || token_file.exists());
     let token = std::fs::read_to_string(&token_file).unwrap();
     let get = || -> std::io::Result<(u16, String)> {

@@ -280,14 +280,6 @@ async fn a_stranger_swapping_the_socket_for_a_symlink_changes_no_root_file() {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `GET /credentials` on the container endpoint with `token`: the status,
 /// or `None` when nothing listens.
 fn container_get(port: u16, token: &str) -> Option<(u16, String)> {
@@ -371,33 +363,35 @@ async fn a_token_file_a_stranger_planted_or_can_read_stops_the_agent() {
     ];
     let mut failures = Vec::new();
     for (why, token_file, known) in cases {
-        let port = free_port();
         let mut cmd = crate::util::agent_against(&imds);
-        cmd.arg("--container-endpoint")
-            .arg(format!("127.0.0.1:{port}"))
+        cmd.args(["--container-endpoint", "127.0.0.1:0"])
             .arg("--container-token-file")
             .arg(&token_file);
         let log = root.path().join("agent.log");
         let mut running = Running::start_logging_to(cmd, &log);
+        let pid = running.pid();
+        let mut port = None;
         poll_until("the agent to exit or serve the endpoint", || {
-            running.try_status().is_some()
-                || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            port = crate::util::listening_ports(pid).first().copied();
+            port.is_some() || running.try_status().is_some()
         });
         // The stranger asks with the token it knows, until credentials are
         // loaded (200) or nothing listens.
-        let got = as_stranger(stranger, move || {
-            let mut last = None;
-            for _ in 0..2_500 {
-                last = container_get(port, &known);
-                match &last {
-                    Some((200, _)) | None => break,
-                    Some(_) => std::thread::sleep(Duration::from_millis(2)),
+        let got = port.and_then(|port| {
+            as_stranger(stranger, move || {
+                let mut last = None;
+                for _ in 0..2_500 {
+                    last = container_get(port, &known);
+                    match &last {
+                        Some((200, _)) | None => break,
+                        Some(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
                 }
-            }
-            last
-        })
-        .join()
-        .unwrap();
+                last
+            })
+            .join()
+            .unwrap()
+        });
         if matches!(&got, Some((200, body)) if body.contains("AccessKeyId")) {
             failures.push(format!(
                 "{}: the stranger got credentials with the token it planted or read",

@@ -340,3 +340,61 @@ impl Stranger {
         home
     }
 }
+
+/// The TCP ports process `pid` listens on (its sockets in `LISTEN` state,
+/// found through `/proc/PID/fd` and `/proc/net/tcp{,6}`).
+pub(crate) fn listening_ports(pid: u32) -> Vec<u16> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let inodes: Vec<String> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address is field 1 (ADDR:PORT in hex), st field 3 (0A: LISTEN), inode field 9.
+            if fields.len() > 9
+                && fields[3] == "0A"
+                && inodes.iter().any(|i| i == fields[9])
+                && let Some(port) = fields[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|hex| u16::from_str_radix(hex, 16).ok())
+            {
+                ports.push(port);
+            }
+        }
+    }
+    ports
+}
+
+impl Running {
+    /// The port the agent's one TCP listener (the container endpoint, asked
+    /// for as `127.0.0.1:0`) is bound to, once it is; panics if the agent
+    /// exits first. Port 0 and this look-up replace picking a free port in
+    /// the test, which another test could take before the agent binds it.
+    pub(crate) fn tcp_port(&mut self) -> u16 {
+        let pid = self.pid();
+        let mut port = None;
+        wait_for("the agent to listen on a TCP port, or exit", || {
+            port = listening_ports(pid).first().copied();
+            port.is_some() || self.try_status().is_some()
+        });
+        port.unwrap_or_else(|| {
+            panic!(
+                "expected the agent to listen on a TCP port; it exited: {:?}",
+                self.try_status()
+            )
+        })
+    }
+}

@@ -7,10 +7,13 @@
 //! always lives in the instance's own account and partition, so they hold
 //! for every role the instance will ever have.
 //!
-//! [`follow`] reads `iam/info` at start and again when the role changes, in
-//! a task of the container endpoint's own: the daemon loop never waits for
-//! it, and the provider stays the only thing asking IMDS for credentials.
-//! Until a read succeeds `RoleArn` is left out rather than guessed.
+//! [`follow`] reads `iam/info` until one read succeeds (at start, then at
+//! each change the provider reports, since a read fails while no role is
+//! attached), and never again: a replaced role keeps the instance's
+//! partition and account. It runs in a task of the container endpoint's
+//! own: the daemon loop never waits for it, and the provider stays the only
+//! thing asking IMDS for credentials. Until a read succeeds `RoleArn` is
+//! left out rather than guessed.
 
 use imds_client::{ErrorKind, ImdsClient, ProviderState};
 use tokio::sync::watch;
@@ -77,48 +80,37 @@ impl InstanceProfile {
     }
 }
 
-/// Reads `iam/info` at start, and whenever the provider reports a role
-/// other than the one last read for (or until a read first succeeds),
-/// publishing what it learns in `known`. A failed read keeps what is known
-/// and is tried again at the provider's next change. Returns when the
-/// provider is gone.
+/// Reads `iam/info` until a read succeeds: at start, then at each change the
+/// provider reports (a read fails while no role is attached, or while IMDS
+/// is down), publishing what it learns in `known`. Returns once it knows,
+/// or when the provider is gone.
 pub(crate) async fn follow(
     imds: ImdsClient,
     mut state: watch::Receiver<ProviderState>,
     known: watch::Sender<Option<InstanceProfile>>,
 ) {
-    // The role at the last successful read; `None` before one.
-    let mut read_for: Option<Option<String>> = None;
     loop {
-        let role = state.borrow_and_update().current().map(|c| c.role.clone());
-        let stale = match &read_for {
-            None => true,
-            Some(last) => role.is_some() && *last != role,
-        };
-        if stale {
-            match imds.iam_info().await {
-                Ok(document) => match InstanceProfile::from_iam_info(&document) {
-                    Some(profile) => {
-                        if known.borrow().as_ref() != Some(&profile) {
-                            tracing::info!(
-                                partition = profile.partition(),
-                                account = profile.account(),
-                                "instance profile read from iam/info: the container endpoint names the role's ARN"
-                            );
-                        }
-                        known.send_replace(Some(profile));
-                        read_for = Some(role);
-                    }
-                    None => tracing::warn!(
-                        "iam/info has no usable InstanceProfileArn: the container endpoint leaves RoleArn out"
-                    ),
-                },
-                Err(e) if matches!(e.kind(), ErrorKind::NoRoleAttached) => {}
-                Err(e) => tracing::debug!(
-                    cause = %e,
-                    "reading iam/info failed; RoleArn waits for the next read"
+        state.borrow_and_update();
+        match imds.iam_info().await {
+            Ok(document) => match InstanceProfile::from_iam_info(&document) {
+                Some(profile) => {
+                    tracing::info!(
+                        partition = profile.partition(),
+                        account = profile.account(),
+                        "instance profile read from iam/info: the container endpoint names the role's ARN"
+                    );
+                    known.send_replace(Some(profile));
+                    return;
+                }
+                None => tracing::warn!(
+                    "iam/info has no usable InstanceProfileArn: the container endpoint leaves RoleArn out"
                 ),
-            }
+            },
+            Err(e) if matches!(e.kind(), ErrorKind::NoRoleAttached) => {}
+            Err(e) => tracing::debug!(
+                cause = %e,
+                "reading iam/info failed; RoleArn waits for the next read"
+            ),
         }
         if state.changed().await.is_err() {
             return;
