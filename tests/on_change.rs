@@ -449,11 +449,13 @@ async fn reload_unit_runs_systemctl_try_reload_or_restart() {
     // A stand-in systemctl, found on the PATH the agent passes on.
     let bin = setup.dir.join("bin");
     std::fs::create_dir(&bin).unwrap();
+    // One file per call (the two units' runs may overlap).
     let calls = setup.dir.join("calls");
+    std::fs::create_dir(&calls).unwrap();
     let fake = setup.script(
         "systemctl",
         &format!(
-            "echo \"$IMDS_AGENT_EVENT $*\" >> '{calls}.tmp' && cat '{calls}.tmp' > '{calls}'.$$ && mv '{calls}'.$$ '{calls}'\n",
+            "echo \"$IMDS_AGENT_EVENT $*\" > '{calls}'/.$$ && mv '{calls}'/.$$ '{calls}'/call-$$\n",
             calls = calls.display()
         ),
     );
@@ -467,14 +469,23 @@ async fn reload_unit_runs_systemctl_try_reload_or_restart() {
     cmd.args(["--reload-unit", "app.service,other.service"])
         .env("PATH", path);
     let running = Running::start(cmd);
+    let read_calls = || -> Vec<String> {
+        std::fs::read_dir(&calls)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("call-")
+            })
+            .map(|p| std::fs::read_to_string(p).unwrap().trim_end().to_owned())
+            .collect()
+    };
     wait_for("systemctl to be run for both units", || {
-        std::fs::read_to_string(&calls).is_ok_and(|t| t.lines().count() == 2)
+        read_calls().len() == 2
     });
-    let mut lines: Vec<String> = std::fs::read_to_string(&calls)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let mut lines = read_calls();
     lines.sort();
     assert_eq!(
         lines,

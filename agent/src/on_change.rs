@@ -712,3 +712,99 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod runner_tests {
+    use super::*;
+    use imds_client::{Credentials, RoleCredentials};
+    use std::time::SystemTime;
+
+    /// Waits (real time, at most 60 s) until `check` holds.
+    async fn wait_until(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..3000 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("expected {what} within 60 s; it never happened");
+    }
+
+    fn count(dir: &std::path::Path, prefix: &str) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(prefix)
+            })
+            .count()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn at_most_four_runs_go_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        // Each run marks itself running, records how many runs it sees,
+        // waits for the gate, then unmarks itself.
+        let script = format!(
+            "touch {d}/running-$$; ls {d} | grep -c running- > {d}/.seen-$$; \
+             mv {d}/.seen-$$ {d}/seen-$$; \
+             while [ ! -e {d}/gate ]; do sleep 0.02; done; rm {d}/running-$$"
+        );
+        let hooks = (0..6)
+            .map(|_| Hook {
+                argv: vec!["/bin/sh".into(), "-c".into(), script.clone()],
+            })
+            .collect();
+        let metrics = Arc::new(Metrics::default());
+        let limits = HookLimits {
+            timeout: Duration::from_secs(60),
+        };
+        let mut on_change = OnChange::start(hooks, limits, metrics.clone());
+        let held = Wanted::Credentials(RoleCredentials {
+            role: "r".into(),
+            credentials: Arc::new(Credentials::new(
+                "AKIA1",
+                "SECRET",
+                "TOKEN",
+                SystemTime::UNIX_EPOCH + Duration::from_secs(2_000),
+            )),
+        });
+        on_change.applied(Some(&held));
+        wait_until("four runs under way", || {
+            count(dir.path(), "seen-") == MAX_CONCURRENT_RUNS
+        })
+        .await;
+        std::fs::write(dir.path().join("gate"), "").unwrap();
+        wait_until("all six runs", || count(dir.path(), "seen-") == 6).await;
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("seen-")
+            {
+                let seen: usize = std::fs::read_to_string(&path)
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                assert!(
+                    seen <= MAX_CONCURRENT_RUNS,
+                    "a run started while {seen} were under way"
+                );
+            }
+        }
+        on_change.stop(Duration::from_secs(60)).await;
+        assert!(
+            metrics
+                .render(&ProviderState::Starting, SystemTime::UNIX_EPOCH)
+                .contains("imds_agent_on_change_runs_total{result=\"ok\"} 6"),
+            "six runs counted ok"
+        );
+    }
+}
