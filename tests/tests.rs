@@ -19,6 +19,7 @@ mod macros;
 mod metrics_listener;
 mod mock_imds;
 mod notify;
+mod on_change;
 mod refresh;
 mod rotation;
 mod sdk_conventions;

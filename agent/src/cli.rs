@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::on_change::Hook;
+
 /// Keeps EC2 instance-role credentials available to applications that cannot
 /// speak IMDSv2.
 #[derive(Debug, Parser)]
@@ -290,6 +292,35 @@ pub struct RunArgs {
     /// Log format: human or json.
     #[arg(long, env = "IMDS_AGENT_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
     pub log_format: String,
+    /// Run this command after every change in what the outputs hold (first
+    /// credentials, rotation, role replacement, detach, recovery after an
+    /// outage), once every output has been written. Repeatable; the
+    /// environment variable holds one command. No shell: split into words as
+    /// systemd splits ExecStart= (quotes, C escapes; no $VAR expansion). Its
+    /// environment is PATH and IMDS_AGENT_EVENT, IMDS_AGENT_ROLE,
+    /// IMDS_AGENT_ACCESS_KEY_ID, IMDS_AGENT_EXPIRATION, never a secret. A
+    /// burst of changes gives one more run, with the latest event.
+    #[arg(long, env = "IMDS_AGENT_ON_CHANGE", value_name = "CMD", value_parser = parse_on_change)]
+    pub on_change: Vec<Hook>,
+    /// After every change, run `systemctl try-reload-or-restart UNIT`, as
+    /// --on-change does (repeat or comma-separate). Under the packaged unit
+    /// this needs a polkit rule: see /etc/default/imds-agent.
+    #[arg(long, env = "IMDS_AGENT_RELOAD_UNIT", value_delimiter = ',', value_name = "UNIT", value_parser = parse_unit)]
+    pub reload_unit: Vec<String>,
+    /// An --on-change or --reload-unit run still going after this many
+    /// seconds is killed, with its process group.
+    #[arg(long, env = "IMDS_AGENT_ON_CHANGE_TIMEOUT", default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub on_change_timeout: u64,
+}
+
+/// Parses `--on-change`: the command split as systemd splits `ExecStart=`.
+fn parse_on_change(text: &str) -> Result<Hook, String> {
+    Hook::command(text)
+}
+
+/// Parses `--reload-unit`: a unit name, never an option.
+fn parse_unit(text: &str) -> Result<String, String> {
+    Hook::reload_unit(text).map(|_| text.to_owned())
 }
 
 /// Flags of `imds-agent credential-process`.

@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
+use crate::on_change::OnChange;
 use crate::outputs::{Outputs, Wanted};
 use crate::shutdown::Shutdown;
 use crate::signals::Reloads;
@@ -80,6 +81,8 @@ pub struct Daemon {
     pub clock: SharedTimeSource,
     /// The counters.
     pub metrics: Arc<Metrics>,
+    /// The `--on-change` commands, run once every output holds a change.
+    pub on_change: OnChange,
 }
 
 /// How long a stop waits for servers and writers before it abandons them.
@@ -94,6 +97,7 @@ pub async fn run(daemon: Daemon, mut shutdown: Shutdown) -> anyhow::Result<()> {
         notifier,
         clock,
         metrics,
+        mut on_change,
     } = daemon;
     let Refresh {
         provider,
@@ -168,16 +172,19 @@ pub async fn run(daemon: Daemon, mut shutdown: Shutdown) -> anyhow::Result<()> {
             all_applied = outputs.next_applied() => {
                 if all_applied {
                     announce(&outputs, &notifier, &mut last_status);
+                    on_change.applied(outputs.wanted());
                 }
                 continue;
             }
         }
         let current = state.borrow_and_update().clone();
+        on_change.observe(&current);
         if let Some(wanted) = wanted(&current, outputs.wanted()) {
             outputs.set(wanted);
         }
         if outputs.all_applied() {
             announce(&outputs, &notifier, &mut last_status);
+            on_change.applied(outputs.wanted());
         }
     };
     tracing::info!("shutting down");
@@ -192,6 +199,7 @@ pub async fn run(daemon: Daemon, mut shutdown: Shutdown) -> anyhow::Result<()> {
         running.abort_all();
     }
     outputs.stop(STOP_GRACE).await;
+    on_change.stop(STOP_GRACE).await;
     match failure {
         Some(failure) => Err(failure).context("the agent stopped on an error"),
         None => Ok(()),

@@ -109,6 +109,9 @@ pub async fn run(
         refresh_window: None,
         poll_interval: 1,
         log_format: "human".into(),
+        on_change: Vec::new(),
+        reload_unit: Vec::new(),
+        on_change_timeout: 30,
     };
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("imds-agent"));
     println!("imds-agent demo: the IMDS emulator at {endpoint} with role demo-role attached,");

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod metrics_listener;
 pub mod mock_imds;
 pub mod notify;
+pub mod on_change;
 pub mod outputs;
 pub mod refresh;
 pub mod run;

@@ -22,6 +22,7 @@ pub struct Metrics {
     outputs_stuck: AtomicU64,
     outputs_failing: AtomicU64,
     refresh_requests: Mutex<BTreeMap<&'static str, u64>>,
+    on_change_runs: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -113,6 +114,17 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(outcome)
+            .or_default() += 1;
+    }
+
+    /// An `--on-change` (or `--reload-unit`) run finished: `ok`, `failed`
+    /// (non-zero exit), `timeout` (killed) or `spawn_error` (not started).
+    pub fn on_change_run(&self, result: &'static str) {
+        *self
+            .on_change_runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(result)
             .or_default() += 1;
     }
 
@@ -242,6 +254,20 @@ impl Metrics {
             refresh_requests
                 .into_iter()
                 .map(|(outcome, v)| (format!("{{outcome=\"{outcome}\"}}"), v.to_string()))
+                .collect(),
+        );
+        let on_change_runs = self
+            .on_change_runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        metric(
+            "imds_agent_on_change_runs_total",
+            "counter",
+            "Runs of --on-change and --reload-unit commands, by result (ok, failed, timeout, spawn_error).",
+            on_change_runs
+                .into_iter()
+                .map(|(result, v)| (format!("{{result=\"{result}\"}}"), v.to_string()))
                 .collect(),
         );
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

@@ -15,6 +15,7 @@ use crate::daemon::{Daemon, Refresh, Server, run as run_daemon};
 use crate::metrics::Metrics;
 use crate::metrics_listener::Probes;
 use crate::notify::Notifier;
+use crate::on_change::{Hook, HookLimits, OnChange};
 use crate::outputs::{Outputs, WriteLimits};
 use crate::refresh::MIN_INTERVAL;
 use crate::server::{AccessPolicy, CredentialSocket, ServerLimits};
@@ -128,6 +129,26 @@ fn lexical(path: &Path) -> std::path::PathBuf {
         }
     }
     out
+}
+
+/// The `--on-change` and `--reload-unit` commands, started.
+fn on_change(args: &RunArgs, metrics: Arc<Metrics>) -> anyhow::Result<OnChange> {
+    let mut hooks = args.on_change.clone();
+    for unit in &args.reload_unit {
+        hooks.push(Hook::reload_unit(unit).map_err(anyhow::Error::msg)?);
+    }
+    if hooks.is_empty() {
+        return Ok(OnChange::disabled());
+    }
+    tracing::info!(
+        commands = hooks.len(),
+        timeout_seconds = args.on_change_timeout,
+        "running commands on every change of the outputs"
+    );
+    let limits = HookLimits {
+        timeout: Duration::from_secs(args.on_change_timeout),
+    };
+    Ok(OnChange::start(hooks, limits, metrics))
 }
 
 /// Builds the IMDS client and the provider from the flags; every failed
@@ -346,7 +367,9 @@ pub async fn run(
         poll_interval_seconds = args.poll_interval,
         "imds-agent starting"
     );
+    let on_change = on_change(&args, metrics.clone())?;
     let daemon = Daemon {
+        on_change,
         outputs: Outputs::start(sinks, WriteLimits::default(), metrics.clone()),
         servers,
         refresh: Refresh {
