@@ -189,6 +189,7 @@ impl Harness {
                 reloads: reloads.with_requests(requests),
             },
             notifier: Notifier::none(),
+            on_change: crate::on_change::OnChange::disabled(),
             clock: time,
             metrics,
         };
