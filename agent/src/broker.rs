@@ -17,5 +17,6 @@
 pub mod assumer;
 pub mod cache;
 pub mod config;
+pub mod handout;
 pub mod sts;
 pub mod tokens;

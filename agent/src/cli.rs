@@ -290,6 +290,12 @@ pub struct RunArgs {
     /// Log format: human or json.
     #[arg(long, env = "IMDS_AGENT_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
     pub log_format: String,
+    /// The consumers' config file (TOML; see the README's "Least privilege per
+    /// consumer"): each socket peer gets its own consumer's STS session.
+    /// Validated completely before start. Without it, every allowed peer
+    /// gets the instance role, as before.
+    #[arg(long, env = "IMDS_AGENT_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
 }
 
 /// Flags of `imds-agent credential-process`.

@@ -109,6 +109,7 @@ pub async fn run(
         refresh_window: None,
         poll_interval: 1,
         log_format: "human".into(),
+        config: None,
     };
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("imds-agent"));
     println!("imds-agent demo: the IMDS emulator at {endpoint} with role demo-role attached,");

@@ -202,6 +202,58 @@ pub fn sinks(args: &RunArgs) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
     Ok(sinks)
 }
 
+/// Reads and validates `--config` (every problem with file, line and key),
+/// before anything starts. `None` without `--config`.
+pub fn load_config(args: &RunArgs) -> anyhow::Result<Option<crate::broker::config::Config>> {
+    let Some(path) = &args.config else {
+        return Ok(None);
+    };
+    let config = crate::broker::config::Config::load(path)?;
+    if args.socket.is_none() {
+        tracing::warn!(
+            config = %path.display(),
+            "the consumers of the config file are served on the credential socket only, and \
+             no --socket is given: no consumer gets credentials"
+        );
+    }
+    Ok(Some(config))
+}
+
+/// The broker for `config`'s consumers, and the task (pushed to `servers`)
+/// that tells it about every change of the instance role.
+fn consumers(
+    args: &RunArgs,
+    config: crate::broker::config::Config,
+    provider: &ImdsCredentialsProvider,
+    shutdown: &Shutdown,
+    servers: &mut Vec<Server>,
+) -> anyhow::Result<crate::broker::handout::Consumers> {
+    use crate::broker::{assumer::StsAssumer, cache::Broker, sts::StsClient};
+    let assumer = StsAssumer::new(imds_client(args)?, StsClient::builder).context(
+        "configuring the STS client for the consumers (AWS_ENDPOINT_URL_STS, AWS_REGION)",
+    )?;
+    let broker = Broker::builder(assumer).config(&config).build();
+    tracing::info!(
+        config = ?config.path(),
+        consumers = ?config.consumers().iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        unmatched = ?config.unmatched(),
+        "consumers configured: each socket peer gets its consumer's STS session"
+    );
+    let follow = crate::broker::handout::follow(
+        broker.clone(),
+        provider.subscribe(),
+        shutdown.clone().wait_owned(),
+    );
+    servers.push(Server::new("consumer broker", async move {
+        follow.await;
+        Ok(())
+    }));
+    Ok(crate::broker::handout::Consumers {
+        config: Arc::new(config),
+        broker,
+    })
+}
+
 /// What `main` hands the agent from the process's start: the socket systemd
 /// passed (socket activation) and systemd's notify socket.
 #[derive(Debug)]
@@ -226,6 +278,7 @@ pub async fn run(
     } = inherited;
     let shutdown = Shutdown::on(shutdown);
     validate_outputs(&args, activated.is_some())?;
+    let config = load_config(&args)?;
     let metrics = Arc::new(Metrics::default());
     let provider = provider(&args, metrics.clone())?;
     let sinks = sinks(&args)?;
@@ -293,6 +346,16 @@ pub async fn run(
     }
     let (refresher, refresh_requests) = crate::refresh::channel(MIN_INTERVAL, metrics.clone());
     let reloads = reloads.with_requests(refresh_requests);
+    let consumers = match config {
+        Some(config) => Some(consumers(
+            &args,
+            config,
+            &provider,
+            &shutdown,
+            &mut servers,
+        )?),
+        None => None,
+    };
     if let Some(listener) = listener {
         let socket = CredentialSocket {
             state: provider.subscribe(),
@@ -305,6 +368,7 @@ pub async fn run(
             limits: ServerLimits::default(),
             refresher,
             metrics_at,
+            consumers,
         };
         let serve = crate::server::serve(listener, socket, shutdown.clone().wait_owned());
         servers.push(Server::new("credential socket", async move {
