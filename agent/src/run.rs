@@ -216,6 +216,22 @@ pub fn load_config(args: &RunArgs) -> anyhow::Result<Option<crate::broker::confi
              no --socket is given: no consumer gets credentials"
         );
     }
+    for (consumer, key, file) in config.files() {
+        tracing::warn!(
+            config = %path.display(),
+            consumer = %consumer.name,
+            key,
+            file = %file.display(),
+            "per-consumer files and container tokens are not written yet: this consumer gets \
+             its session on the credential socket (and credential-process) only"
+        );
+    }
+    if args.container_endpoint.is_some() {
+        tracing::warn!(
+            "the container endpoint is not per consumer yet: whoever holds its token gets the \
+             instance role's credentials, whatever the config file says"
+        );
+    }
     Ok(Some(config))
 }
 
