@@ -9,7 +9,7 @@ use std::process::Command;
 use imds_client::mock::{FaultDuration, MockImds, MockSts, StsFault};
 use rustix::process::Signal;
 
-use crate::util::{Running, Stranger, agent, unix_get, wait_for};
+use crate::util::{Running, Stranger, agent, metrics_socket_of, unix_get, wait_for};
 
 const BILLING_ACTION: &str = "s3:GetObject";
 const SHIPPER_ACTION: &str = "logs:PutLogEvents";
@@ -98,6 +98,8 @@ duration_seconds = 1800
                 "--poll-interval",
                 "1",
             ])
+            .arg("--metrics-socket")
+            .arg(metrics_socket_of(&socket))
             .arg("--socket-group")
             .arg(group.to_string())
             .env("IMDS_AGENT_LOG", "trace")
@@ -280,6 +282,36 @@ async fn two_uids_get_their_own_consumers_sessions_and_an_unmatched_uid_gets_403
         2,
         "served from the cache"
     );
+
+    // Health and metrics name each consumer, never a key.
+    let metrics = metrics_socket_of(&host.socket);
+    let (_, health) = unix_get(&metrics, "/healthz").unwrap();
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    let consumers = health["consumers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("/healthz should list the consumers: {health}"));
+    let names: Vec<&str> = consumers
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, ["billing", "shipper"], "{health}");
+    for c in consumers {
+        assert_eq!(c["status"], "ok", "{health}");
+        assert!(
+            c["expires_in_seconds"]
+                .as_u64()
+                .is_some_and(|s| s > 0 && s <= 1800),
+            "{health}"
+        );
+    }
+    let (_, text) = unix_get(&metrics, "/metrics").unwrap();
+    for name in ["billing", "shipper"] {
+        let line = format!("imds_agent_consumer_session_valid{{consumer=\"{name}\"}} 1");
+        assert!(text.contains(&line), "expected {line} in /metrics:\n{text}");
+    }
+    for key in [&billing_key, &shipper_key] {
+        assert!(!text.contains(key.as_str()), "a key in /metrics");
+    }
 
     // The audit trail, at trace level, in JSON: one record per hand-out
     // and refusal, and no secret anywhere in the log.

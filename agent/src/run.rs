@@ -320,10 +320,21 @@ pub async fn run(
         (None, None) => None,
     };
     let mut servers = Vec::new();
+    let consumers = match config {
+        Some(config) => Some(consumers(
+            &args,
+            config,
+            &provider,
+            &shutdown,
+            &mut servers,
+        )?),
+        None => None,
+    };
     let probes = Probes {
         state: provider.subscribe(),
         metrics: metrics.clone(),
         clock: clock.clone(),
+        consumers: consumers.clone(),
     };
     let mut metrics_at = Vec::new();
     let mut metrics_socket_file = None;
@@ -362,16 +373,6 @@ pub async fn run(
     }
     let (refresher, refresh_requests) = crate::refresh::channel(MIN_INTERVAL, metrics.clone());
     let reloads = reloads.with_requests(refresh_requests);
-    let consumers = match config {
-        Some(config) => Some(consumers(
-            &args,
-            config,
-            &provider,
-            &shutdown,
-            &mut servers,
-        )?),
-        None => None,
-    };
     if let Some(listener) = listener {
         let socket = CredentialSocket {
             state: provider.subscribe(),

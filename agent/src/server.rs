@@ -283,7 +283,11 @@ async fn refresh(State(app): State<App>, peer: Option<Extension<PeerId>>) -> Res
 async fn healthz(State(app): State<App>) -> Response {
     app.metrics.request();
     let state = app.state.borrow().clone();
-    let (status, body) = health(&state, &app.metrics, app.clock.now());
+    let now = app.clock.now();
+    let (status, mut body) = health(&state, &app.metrics, now);
+    if let Some(consumers) = &app.consumers {
+        body["consumers"] = consumers.health(now);
+    }
     json(status, body.to_string())
 }
 

@@ -178,3 +178,68 @@ pub async fn follow(
         }
     }
 }
+
+impl Consumers {
+    /// Each consumer as `/healthz` shows it: its name, whether it holds a
+    /// valid session, seconds until that expires, and its last STS error.
+    /// Names only, never keys.
+    pub fn health(&self, now: std::time::SystemTime) -> serde_json::Value {
+        let mut status = self.broker.status();
+        status.sort_by(|a, b| a.name.cmp(&b.name));
+        status
+            .into_iter()
+            .map(|c| {
+                let left = c
+                    .expiration
+                    .and_then(|e| e.duration_since(now).ok())
+                    .map(|d| d.as_secs());
+                serde_json::json!({
+                    "name": c.name,
+                    "status": if left.is_some() { "ok" } else { "no-session" },
+                    "expires_in_seconds": left,
+                    "last_error": c.last_error,
+                })
+            })
+            .collect()
+    }
+
+    /// Per-consumer gauges in the Prometheus text format, appended to
+    /// `/metrics`: `imds_agent_consumer_session_valid{consumer}` (1 while
+    /// it holds a valid session) and
+    /// `imds_agent_consumer_session_expiry_seconds{consumer}` (0 without one).
+    pub fn render_metrics(&self, now: std::time::SystemTime) -> String {
+        let mut status = self.broker.status();
+        status.sort_by(|a, b| a.name.cmp(&b.name));
+        let left: Vec<(String, Option<u64>)> = status
+            .into_iter()
+            .map(|c| {
+                let left = c
+                    .expiration
+                    .and_then(|e| e.duration_since(now).ok())
+                    .map(|d| d.as_secs());
+                (c.name, left)
+            })
+            .collect();
+        let mut out = String::from(
+            "# HELP imds_agent_consumer_session_valid 1 while the consumer holds a valid STS session.\n\
+             # TYPE imds_agent_consumer_session_valid gauge\n",
+        );
+        for (name, left) in &left {
+            out.push_str(&format!(
+                "imds_agent_consumer_session_valid{{consumer=\"{name}\"}} {}\n",
+                u8::from(left.is_some())
+            ));
+        }
+        out.push_str(
+            "# HELP imds_agent_consumer_session_expiry_seconds Seconds until the consumer's STS session expires (0 without one).\n\
+             # TYPE imds_agent_consumer_session_expiry_seconds gauge\n",
+        );
+        for (name, left) in &left {
+            out.push_str(&format!(
+                "imds_agent_consumer_session_expiry_seconds{{consumer=\"{name}\"}} {}\n",
+                left.unwrap_or(0)
+            ));
+        }
+        out
+    }
+}
