@@ -22,6 +22,8 @@ struct Host {
     dir: tempfile::TempDir,
     socket: PathBuf,
     log: PathBuf,
+    billing_file: PathBuf,
+    shipper_file: PathBuf,
     group: u32,
     billing: Stranger,
     shipper: Stranger,
@@ -42,7 +44,9 @@ fn policy(action: &str) -> String {
 }
 
 impl Host {
-    async fn start() -> Self {
+    /// `files`: give billing a `credentials_file` and shipper a `json_file`
+    /// (their pollers then assume at start).
+    async fn start(files: bool) -> Self {
         let imds = MockImds::builder()
             .role("instance-role")
             .start()
@@ -53,6 +57,8 @@ impl Host {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let (billing, shipper, nobody) = (Stranger::new(), Stranger::new(), Stranger::new());
         let config = dir.path().join("agent.toml");
+        let billing_file = billing.home(dir.path()).join("credentials");
+        let shipper_file = dir.path().join("shipper.json");
         std::fs::write(
             &config,
             format!(
@@ -63,6 +69,7 @@ name = "billing"
 uids = [{}]
 session_policy = '{}'
 duration_seconds = 900
+{}
 
 [[consumer]]
 name = "shipper"
@@ -70,11 +77,22 @@ uids = [{}]
 session_policy = '{}'
 policy_arns = ["arn:aws:iam::aws:policy/CloudWatchLogsFullAccess"]
 duration_seconds = 1800
+{}
 "#,
                 billing.uid,
                 policy(BILLING_ACTION),
+                if files {
+                    format!("credentials_file = \"{}\"", billing_file.display())
+                } else {
+                    String::new()
+                },
                 shipper.uid,
-                policy(SHIPPER_ACTION)
+                policy(SHIPPER_ACTION),
+                if files {
+                    format!("json_file = \"{}\"", shipper_file.display())
+                } else {
+                    String::new()
+                },
             ),
         )
         .unwrap();
@@ -110,6 +128,8 @@ duration_seconds = 1800
             unix_get(&socket, "/healthz").is_ok_and(|(s, _)| s == 200)
         });
         Self {
+            billing_file,
+            shipper_file,
             group,
             imds,
             sts,
@@ -193,7 +213,7 @@ fn credential_process_as(host: &Host, user: &Stranger) -> Result<String, String>
 #[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
 #[tokio::test(flavor = "multi_thread")]
 async fn two_uids_get_their_own_consumers_sessions_and_an_unmatched_uid_gets_403() {
-    let mut host = Host::start().await;
+    let mut host = Host::start(true).await;
     let instance_key = host
         .imds
         .current_credentials()
@@ -283,6 +303,30 @@ async fn two_uids_get_their_own_consumers_sessions_and_an_unmatched_uid_gets_403
         "served from the cache"
     );
 
+    // Each consumer's own files: its session, owned by its uid, mode 0600.
+    use std::os::unix::fs::MetadataExt;
+    for (file, user, key) in [
+        (&host.billing_file, host.billing, &billing_key),
+        (&host.shipper_file, host.shipper, &shipper_key),
+    ] {
+        wait_for("the consumer's file", || {
+            std::fs::read_to_string(file).is_ok_and(|t| t.contains(key.as_str()))
+        });
+        let meta = std::fs::metadata(file).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.mode() & 0o777),
+            (user.uid, 0o600),
+            "{} should be the consumer's, mode 0600",
+            file.display()
+        );
+    }
+    let text = std::fs::read_to_string(&host.billing_file).unwrap();
+    assert!(
+        text.starts_with("[default]") && !text.contains(&instance_key),
+        "billing's credentials file holds its session only: {}",
+        text.lines().next().unwrap_or("")
+    );
+
     // Health and metrics name each consumer, never a key.
     let metrics = metrics_socket_of(&host.socket);
     let (_, health) = unix_get(&metrics, "/healthz").unwrap();
@@ -360,13 +404,19 @@ async fn two_uids_get_their_own_consumers_sessions_and_an_unmatched_uid_gets_403
 #[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_detach_withdraws_every_consumer_and_a_replacement_re_assumes() {
-    let mut host = Host::start().await;
+    let mut host = Host::start(true).await;
     let (status, body) = get_as(&host, host.billing);
     assert_eq!(status, 200, "{body}");
     let before = key_of(&body);
     assert_eq!(get_as(&host, host.shipper).0, 200);
 
+    wait_for("the consumers' files", || {
+        host.billing_file.exists() && host.shipper_file.exists()
+    });
     host.imds.detach_role();
+    wait_for("the consumers' files to be withdrawn", || {
+        !host.billing_file.exists() && !host.shipper_file.exists()
+    });
     for user in [host.billing, host.shipper] {
         wait_for("the consumer's credentials to be withdrawn", || {
             let (status, _) = get_as(&host, user);
@@ -393,13 +443,16 @@ async fn a_detach_withdraws_every_consumer_and_a_replacement_re_assumes() {
             .is_some_and(|r| r.ends_with(":role/other-role")),
         "re-assumed with the new instance role: {last:?}"
     );
+    wait_for("billing's file to hold the new session", || {
+        std::fs::read_to_string(&host.billing_file).is_ok_and(|t| t.contains(&after))
+    });
     host.stop();
 }
 
 #[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
 #[tokio::test(flavor = "multi_thread")]
 async fn an_sts_outage_keeps_valid_sessions() {
-    let mut host = Host::start().await;
+    let mut host = Host::start(false).await;
     let (status, body) = get_as(&host, host.billing);
     assert_eq!(status, 200, "{body}");
     let key = key_of(&body);
@@ -426,7 +479,7 @@ async fn an_sts_outage_keeps_valid_sessions() {
 #[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_concurrent_requests_of_one_consumer_cause_one_assume_role() {
-    let mut host = Host::start().await;
+    let mut host = Host::start(false).await;
     // 50 connections at a time (under the per-uid cap of 64), 20 each.
     let threads: Vec<_> = (0..50)
         .map(|_| {

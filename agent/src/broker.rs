@@ -17,6 +17,7 @@
 pub mod assumer;
 pub mod cache;
 pub mod config;
+pub mod files;
 pub mod handout;
 pub mod sts;
 pub mod tokens;

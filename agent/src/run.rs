@@ -216,14 +216,17 @@ pub fn load_config(args: &RunArgs) -> anyhow::Result<Option<crate::broker::confi
              no --socket is given: no consumer gets credentials"
         );
     }
-    for (consumer, key, file) in config.files() {
+    for (consumer, key, file) in config
+        .files()
+        .filter(|(_, key, _)| *key == "container_token_file")
+    {
         tracing::warn!(
             config = %path.display(),
             consumer = %consumer.name,
             key,
             file = %file.display(),
-            "per-consumer files and container tokens are not written yet: this consumer gets \
-             its session on the credential socket (and credential-process) only"
+            "per-consumer container tokens are not served yet: this consumer gets its session \
+             on the credential socket (credential-process) and its files only"
         );
     }
     if args.container_endpoint.is_some() {
@@ -242,6 +245,7 @@ fn consumers(
     config: crate::broker::config::Config,
     provider: &ImdsCredentialsProvider,
     shutdown: &Shutdown,
+    metrics: &Arc<Metrics>,
     servers: &mut Vec<Server>,
 ) -> anyhow::Result<crate::broker::handout::Consumers> {
     use crate::broker::{assumer::StsAssumer, cache::Broker, sts::StsClient};
@@ -264,6 +268,12 @@ fn consumers(
         follow.await;
         Ok(())
     }));
+    servers.extend(crate::broker::files::tasks(
+        &broker,
+        &provider.subscribe(),
+        metrics,
+        shutdown,
+    )?);
     Ok(crate::broker::handout::Consumers {
         config: Arc::new(config),
         broker,
@@ -326,6 +336,7 @@ pub async fn run(
             config,
             &provider,
             &shutdown,
+            &metrics,
             &mut servers,
         )?),
         None => None,
