@@ -539,3 +539,47 @@ fn an_invalid_config_is_refused_with_file_line_and_key() {
     );
     assert!(!dir.path().join("agent.sock").exists(), "nothing started");
 }
+
+/// `doctor --config` assumes each consumer's role once and names the fix
+/// for the one whose trust policy refuses the instance role.
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_assumes_each_consumer_once_and_names_the_fix() {
+    let imds = MockImds::builder().role("r").start().await.unwrap();
+    let sts = MockSts::for_imds(&imds).start().await.unwrap();
+    let denied = "arn:aws:iam::123456789012:role/web-app";
+    sts.deny_assume_role(denied);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[consumer]]\nname = \"billing\"\nuids = [1001]\nsession_policy = '{}'\n\n\
+             [[consumer]]\nname = \"web\"\nuids = [1002]\nrole_arn = \"{denied}\"\n",
+            policy(BILLING_ACTION)
+        ),
+    )
+    .unwrap();
+    let (endpoint, sts_endpoint) = (imds.endpoint(), sts.endpoint());
+    let out = std::thread::spawn(move || {
+        agent()
+            .args(["doctor", "--imds-endpoint", &endpoint, "--config"])
+            .arg(&config)
+            .env("AWS_ENDPOINT_URL_STS", sts_endpoint)
+            .output()
+            .unwrap()
+    })
+    .join()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "a consumer fails: {text}");
+    assert!(
+        text.contains("[ok  ] consumer billing: assumed") && text.contains("billing@i-"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[FAIL] consumer web") && text.contains("trust policy"),
+        "{text}"
+    );
+    let calls = sts.assume_role_calls();
+    assert_eq!(calls.len(), 2, "one AssumeRole per consumer: {calls:#?}");
+}

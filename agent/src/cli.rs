@@ -372,4 +372,9 @@ pub struct DoctorArgs {
     /// The uid that stands for "another user" when checking who can reach IMDS.
     #[arg(long, default_value_t = 65534, value_name = "UID")]
     pub probe_uid: u32,
+    /// The consumers' config file to check: validated, then each consumer's
+    /// role assumed once with the instance credentials (AWS_ENDPOINT_URL_STS
+    /// applies), each failure with its fix.
+    #[arg(long, env = "IMDS_AGENT_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
 }
