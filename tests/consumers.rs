@@ -583,3 +583,103 @@ async fn doctor_assumes_each_consumer_once_and_names_the_fix() {
     let calls = sts.assume_role_calls();
     assert_eq!(calls.len(), 2, "one AssumeRole per consumer: {calls:#?}");
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn container_get(port: u16, token: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET /credentials HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {token}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    (
+        head.split_whitespace().nth(1).unwrap().parse().unwrap(),
+        body.to_owned(),
+    )
+}
+
+/// Each consumer's container token gets its session on the container
+/// endpoint; the agent's own token gets nothing under `unmatched = "deny"`.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_container_token_gets_its_consumers_session() {
+    let imds = MockImds::builder().role("r").start().await.unwrap();
+    let sts = MockSts::for_imds(&imds).start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[consumer]]\nname = \"billing\"\nuids = [1001]\ncontainer_token_file = \"{}\"\n\n\
+             [[consumer]]\nname = \"web\"\nuids = [1002]\ncontainer_token_file = \"{}\"\n",
+            tokens.join("billing").display(),
+            tokens.join("web").display()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut cmd = agent();
+    cmd.arg("run")
+        .arg("--imds-endpoint")
+        .arg(imds.endpoint())
+        .arg("--config")
+        .arg(&config)
+        .arg("--container-endpoint")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--container-token-file")
+        .arg(dir.path().join("agent-token"))
+        .env("AWS_ENDPOINT_URL_STS", sts.endpoint());
+    let running = Running::start(cmd);
+    let read = |name: &str| std::fs::read_to_string(tokens.join(name)).unwrap_or_default();
+    wait_for("the consumers' tokens and the endpoint", || {
+        !read("billing").is_empty()
+            && !read("web").is_empty()
+            && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    wait_for("the instance credentials (billing served)", || {
+        container_get(port, &read("billing")).0 == 200
+    });
+    let (status, billing) = container_get(port, &read("billing"));
+    assert_eq!(status, 200, "{billing}");
+    let (status, web) = container_get(port, &read("web"));
+    assert_eq!(status, 200, "{web}");
+    let (billing_key, web_key) = (key_of(&billing), key_of(&web));
+    assert_ne!(billing_key, web_key, "two consumers, two sessions");
+    let calls = sts.assume_role_calls();
+    for (name, key) in [("billing", &billing_key), ("web", &web_key)] {
+        let call = calls
+            .iter()
+            .find(|c| c.outcome.as_ref().ok() == Some(key))
+            .unwrap_or_else(|| panic!("{name}'s key was not issued by STS: {calls:#?}"));
+        assert!(
+            call.role_session_name
+                .as_deref()
+                .is_some_and(|s| s.starts_with(&format!("{name}@"))),
+            "{call:?}"
+        );
+    }
+    let own = std::fs::read_to_string(dir.path().join("agent-token")).unwrap();
+    let (status, body) = container_get(port, &own);
+    assert_eq!(
+        status, 403,
+        "the agent's own token under unmatched = deny: {body}"
+    );
+    assert!(
+        !body.contains("AccessKeyId") && body.contains("unmatched"),
+        "{body}"
+    );
+    let status = running.stop_with(Signal::TERM);
+    assert!(status.success(), "{status}");
+}

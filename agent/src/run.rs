@@ -209,31 +209,32 @@ pub fn load_config(args: &RunArgs) -> anyhow::Result<Option<crate::broker::confi
         return Ok(None);
     };
     let config = crate::broker::config::Config::load(path)?;
-    if args.socket.is_none() {
-        tracing::warn!(
-            config = %path.display(),
-            "the consumers of the config file are served on the credential socket only, and \
-             no --socket is given: no consumer gets credentials"
-        );
-    }
-    for (consumer, key, file) in config
-        .files()
-        .filter(|(_, key, _)| *key == "container_token_file")
+    if args.socket.is_none()
+        && args.container_endpoint.is_none()
+        && config
+            .files()
+            .all(|(_, key, _)| key == "container_token_file")
     {
         tracing::warn!(
             config = %path.display(),
-            consumer = %consumer.name,
-            key,
-            file = %file.display(),
-            "per-consumer container tokens are not served yet: this consumer gets its session \
-             on the credential socket (credential-process) and its files only"
+            "no --socket, no --container-endpoint and no consumer files: no consumer gets \
+             credentials"
         );
     }
-    if args.container_endpoint.is_some() {
-        tracing::warn!(
-            "the container endpoint is not per consumer yet: whoever holds its token gets the \
-             instance role's credentials, whatever the config file says"
-        );
+    if args.container_endpoint.is_none() {
+        for (consumer, key, file) in config
+            .files()
+            .filter(|(_, key, _)| *key == "container_token_file")
+        {
+            tracing::warn!(
+                config = %path.display(),
+                consumer = %consumer.name,
+                key,
+                file = %file.display(),
+                "a consumer has a container token but no --container-endpoint is given: \
+                 no container gets its credentials"
+            );
+        }
     }
     Ok(Some(config))
 }
@@ -396,7 +397,7 @@ pub async fn run(
             limits: ServerLimits::default(),
             refresher,
             metrics_at,
-            consumers,
+            consumers: consumers.clone(),
         };
         let serve = crate::server::serve(listener, socket, shutdown.clone().wait_owned());
         servers.push(Server::new("credential socket", async move {
@@ -406,6 +407,15 @@ pub async fn run(
     }
     if let Some(addr) = args.container_endpoint {
         let token = crate::token_file::load_or_create(&args.container_token_file)?;
+        let container_consumers = match &consumers {
+            Some(consumers) => Some(crate::container::ContainerConsumers {
+                tokens: Arc::new(crate::broker::tokens::ConsumerTokens::load(
+                    &consumers.config,
+                )?),
+                consumers: consumers.clone(),
+            }),
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the container endpoint {addr}"))?;
@@ -418,13 +428,14 @@ pub async fn run(
         );
         servers.push(Server::new(
             "container endpoint",
-            crate::container::serve_with_metrics(
+            crate::container::serve_for_consumers(
                 listener,
                 token,
                 provider.subscribe(),
                 clock.clone(),
                 metrics.clone(),
                 Some(imds_client(&args)?),
+                container_consumers,
                 shutdown.clone().wait_owned(),
             ),
         ));

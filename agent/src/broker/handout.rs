@@ -107,7 +107,30 @@ pub fn audit(
     result: &str,
     reason: Option<&str>,
 ) {
-    let exe = executable(peer.pid);
+    audit_ids(
+        consumer,
+        output,
+        (Some(peer.uid), Some(peer.gid), peer.pid),
+        credentials,
+        result,
+        reason,
+    );
+}
+
+/// As [`audit`], for a peer whose uid, gid or pid may be unknown (a
+/// container's loopback TCP connection: uid from `sock_diag`, no gid or
+/// pid); unknown ids are logged as -1.
+pub fn audit_ids(
+    consumer: &str,
+    output: &str,
+    (uid, gid, pid): (Option<u32>, Option<u32>, Option<u32>),
+    credentials: Option<&RoleCredentials>,
+    result: &str,
+    reason: Option<&str>,
+) {
+    let exe = executable(pid);
+    let uid = uid.map(i64::from).unwrap_or(-1);
+    let gid = gid.map(i64::from).unwrap_or(-1);
     let (role, key, expiration) = match credentials {
         Some(c) => (
             c.role.as_str(),
@@ -116,7 +139,7 @@ pub fn audit(
         ),
         None => ("", String::new(), String::new()),
     };
-    let pid = peer.pid.map(i64::from).unwrap_or(-1);
+    let pid = pid.map(i64::from).unwrap_or(-1);
     let exe = exe.as_deref().unwrap_or("");
     let reason = reason.unwrap_or("");
     if result == "served" {
@@ -125,8 +148,8 @@ pub fn audit(
             audit = true,
             consumer,
             output,
-            uid = peer.uid,
-            gid = peer.gid,
+            uid,
+            gid,
             pid,
             exe,
             role,
@@ -141,8 +164,8 @@ pub fn audit(
             audit = true,
             consumer,
             output,
-            uid = peer.uid,
-            gid = peer.gid,
+            uid,
+            gid,
             pid,
             exe,
             result,
