@@ -110,6 +110,14 @@ async fn keep_current(
     let mut last_error = None::<String>;
     loop {
         let current = state.borrow_and_update().clone();
+        if let ProviderState::Starting = current {
+            // Nothing to assume with yet: wait for the first load.
+            tokio::select! {
+                () = &mut shutdown => break,
+                changed = state.changed() => if changed.is_err() { break },
+            }
+            continue;
+        }
         let polled = tokio::select! {
             () = &mut shutdown => break,
             polled = broker.poll(&name, &current) => polled,
