@@ -16,6 +16,20 @@ async fn mock_imds_serves_a_role_and_stops_cleanly_on_sigterm() {
         .unwrap_or_else(|| panic!("unexpected first line: {first}"))
         .to_owned();
     eqnice!("role attached: e2e-role", running.line());
+    let sts = running.line();
+    let sts = sts
+        .strip_prefix("AWS_ENDPOINT_URL_STS=http://127.0.0.1:")
+        .unwrap_or_else(|| panic!("expected the STS emulator's endpoint on line 3, saw {sts}"))
+        .to_owned();
+    let sts_answer = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://127.0.0.1:{sts}/_mock/calls"))
+        .send()
+        .await
+        .unwrap();
+    eqnice!(200, sts_answer.status().as_u16());
 
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let token = http

@@ -6,6 +6,7 @@
 #![allow(missing_docs)]
 
 mod agent_run;
+mod consumers;
 mod container;
 mod demo;
 mod disk_faults;

@@ -12,9 +12,12 @@
 //! re-assumes, a rotation changes nothing.
 //!
 //! Sinks never call STS: only the broker does, through the [`cache::AssumeRole`]
-//! trait, which the STS client implements.
+//! trait, which [`assumer::StsAssumer`] implements over the STS client.
 
+pub mod assumer;
 pub mod cache;
 pub mod config;
+pub mod files;
+pub mod handout;
 pub mod sts;
 pub mod tokens;

@@ -311,6 +311,12 @@ pub struct RunArgs {
     /// seconds is killed, with its process group.
     #[arg(long, env = "IMDS_AGENT_ON_CHANGE_TIMEOUT", default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub on_change_timeout: u64,
+    /// The consumers' config file (TOML; see the README's "Least privilege per
+    /// consumer"): each socket peer gets its own consumer's STS session.
+    /// Validated completely before start. Without it, every allowed peer
+    /// gets the instance role, as before.
+    #[arg(long, env = "IMDS_AGENT_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
 }
 
 /// Parses `--on-change`: the command split as systemd splits `ExecStart=`.
@@ -397,4 +403,9 @@ pub struct DoctorArgs {
     /// The uid that stands for "another user" when checking who can reach IMDS.
     #[arg(long, default_value_t = 65534, value_name = "UID")]
     pub probe_uid: u32,
+    /// The consumers' config file to check: validated, then each consumer's
+    /// role assumed once with the instance credentials (AWS_ENDPOINT_URL_STS
+    /// applies), each failure with its fix.
+    #[arg(long, env = "IMDS_AGENT_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
 }

@@ -56,6 +56,17 @@ struct App {
     profile: watch::Receiver<Option<InstanceProfile>>,
     clock: SharedTimeSource,
     refusals: Arc<Refusals>,
+    consumers: Option<ContainerConsumers>,
+}
+
+/// With a config file: each consumer's container token, and the broker
+/// that hands out its session ([`crate::broker::tokens`]).
+#[derive(Debug, Clone)]
+pub struct ContainerConsumers {
+    /// Each consumer's token.
+    pub tokens: Arc<crate::broker::tokens::ConsumerTokens>,
+    /// The consumers and their broker.
+    pub consumers: crate::broker::handout::Consumers,
 }
 
 /// Why a request gets no credentials: the ECS agent's error codes, with its
@@ -181,7 +192,30 @@ async fn credentials(
              AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
         );
     };
-    if !bool::from(given.ct_eq(app.token.expose().as_bytes())) {
+    if let Some(consumers) = &app.consumers
+        && let Some(name) = consumers.tokens.consumer_for(given)
+    {
+        return for_consumer(&app, consumers, name, &peer).await;
+    }
+    let instance_token = bool::from(given.ct_eq(app.token.expose().as_bytes()));
+    if instance_token
+        && let Some(consumers) = &app.consumers
+        && consumers.consumers.config.unmatched() == crate::broker::config::Unmatched::Deny
+    {
+        let reason = "the agent's own container token gets nothing while the config file says \
+                      unmatched = \"deny\": give the container a consumer's \
+                      container_token_file, or set unmatched = \"instance-role\"";
+        crate::broker::handout::audit_ids(
+            "",
+            "container",
+            (peer.uid, None, None),
+            None,
+            "denied",
+            Some(reason),
+        );
+        return refuse(ErrorCode::AccessDenied, reason);
+    }
+    if !instance_token {
         return refuse_and_close(
             &app,
             &peer,
@@ -226,6 +260,55 @@ async fn credentials(
     }
 }
 
+/// A consumer's session for a container presenting its token, audited.
+async fn for_consumer(
+    app: &App,
+    consumers: &ContainerConsumers,
+    name: &str,
+    peer: &Peer,
+) -> Response {
+    let state = app.state.borrow().clone();
+    let ids = (peer.uid, None, None);
+    match consumers.consumers.broker.credentials(name, &state).await {
+        Ok(session) => {
+            crate::broker::handout::audit_ids(
+                name,
+                "container",
+                ids,
+                Some(&session),
+                "served",
+                None,
+            );
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                container_credentials_json(&session, None),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            let message = e.to_string();
+            crate::broker::handout::audit_ids(
+                name,
+                "container",
+                ids,
+                None,
+                "error",
+                Some(&message),
+            );
+            let code = match e {
+                crate::broker::cache::BrokerError::NoInstanceRole => {
+                    ErrorCode::NoCredentialsAssociated
+                }
+                crate::broker::cache::BrokerError::InstanceUnavailable { .. } => {
+                    ErrorCode::CredentialsUninitialized
+                }
+                _ => ErrorCode::InternalServerError,
+            };
+            refuse(code, &message)
+        }
+    }
+}
+
 /// Serves the endpoint until `shutdown` resolves, with the same connection
 /// limits as the Unix socket: any local process (or container) can reach a
 /// loopback port, so idle or flooding clients must not exhaust the agent.
@@ -256,6 +339,23 @@ pub async fn serve_with_metrics(
     imds: Option<ImdsClient>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_for_consumers(listener, token, state, clock, metrics, imds, None, shutdown).await
+}
+
+/// As [`serve_with_metrics`], and with a config file a container presenting
+/// a consumer's token gets that consumer's session; the agent's own token
+/// then gets the instance role only with `unmatched = "instance-role"`.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_for_consumers(
+    listener: TcpListener,
+    token: SecretString,
+    state: watch::Receiver<ProviderState>,
+    clock: SharedTimeSource,
+    metrics: Arc<Metrics>,
+    imds: Option<ImdsClient>,
+    consumers: Option<ContainerConsumers>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     let refusals = Arc::new(Refusals::new("container", metrics));
     let (profile_tx, profile) = watch::channel(None);
@@ -276,6 +376,7 @@ pub async fn serve_with_metrics(
             profile,
             clock,
             refusals: refusals.clone(),
+            consumers,
         });
     let admit = |stream: &TcpStream| {
         let peer = peer_of(stream);

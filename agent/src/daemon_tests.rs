@@ -169,6 +169,7 @@ impl Harness {
                 limits: ServerLimits::default(),
                 refresher,
                 metrics_at: Vec::new(),
+                consumers: None,
             },
             shutdown.clone().wait_owned(),
         );

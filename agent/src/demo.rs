@@ -112,6 +112,7 @@ pub async fn run(
         on_change: Vec::new(),
         reload_unit: Vec::new(),
         on_change_timeout: 30,
+        config: None,
     };
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("imds-agent"));
     println!("imds-agent demo: the IMDS emulator at {endpoint} with role demo-role attached,");

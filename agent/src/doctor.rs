@@ -120,6 +120,117 @@ pub async fn run_checks(args: &DoctorArgs) -> Vec<Finding> {
     if let Some(path) = &args.container_token_file {
         findings.push(token_file(path, &trust));
     }
+    if let Some(path) = &args.config {
+        findings.extend(consumers(&client, path).await);
+    }
+    findings
+}
+
+/// `--config`: the file validated, then each consumer's role assumed once
+/// with the instance credentials, as the agent would.
+async fn consumers(client: &ImdsClient, path: &std::path::Path) -> Vec<Finding> {
+    use crate::broker::assumer::StsAssumer;
+    use crate::broker::cache::{AssumeErrorKind, AssumeRole as _};
+    use crate::broker::config::Config;
+    use crate::broker::sts::StsClient;
+
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            return e
+                .problems()
+                .iter()
+                .map(|p| {
+                    finding(
+                        Verdict::Fail,
+                        format!("config {}", p.display(path)),
+                        Some("edit the config file; the agent refuses to start until it is valid"),
+                    )
+                })
+                .collect();
+        }
+    };
+    let mut findings = vec![finding(
+        Verdict::Ok,
+        format!(
+            "config {} is valid ({} consumers)",
+            path.display(),
+            config.consumers().len()
+        ),
+        None,
+    )];
+    let with = match client.role_name().await {
+        Ok(role) => match client.role_credentials(&role).await {
+            Ok(credentials) => imds_client::RoleCredentials {
+                role,
+                credentials: std::sync::Arc::new(credentials),
+            },
+            Err(e) => {
+                findings.push(finding(
+                    Verdict::Fail,
+                    format!("consumers: no instance credentials to assume with: {e}"),
+                    e.hint(),
+                ));
+                return findings;
+            }
+        },
+        Err(e) => {
+            findings.push(finding(
+                Verdict::Fail,
+                format!("consumers: no instance role to assume with: {e}"),
+                Some("attach an instance profile"),
+            ));
+            return findings;
+        }
+    };
+    let assumer = match StsAssumer::new(client.clone(), StsClient::builder) {
+        Ok(assumer) => assumer,
+        Err(e) => {
+            findings.push(finding(
+                Verdict::Fail,
+                format!("consumers: STS client: {e}"),
+                e.hint(),
+            ));
+            return findings;
+        }
+    };
+    for consumer in config.consumers() {
+        let session = assumer
+            .request(consumer, &with)
+            .await
+            .map(|r| r.session_name)
+            .unwrap_or_default();
+        match assumer.assume(consumer, &with).await {
+            Ok(assumed) => findings.push(finding(
+                Verdict::Ok,
+                format!(
+                    "consumer {}: assumed {} as session {session} (expires {})",
+                    consumer.name,
+                    assumed.role,
+                    assumed.credentials.expiration_rfc3339()
+                ),
+                None,
+            )),
+            Err(e) => {
+                let fix = match e.kind() {
+                    AssumeErrorKind::AccessDenied => {
+                        "the role's trust policy must allow the instance role sts:AssumeRole                          (and sts:SetSourceIdentity / sts:TagSession when the consumer sets                          source_identity / session_tags), and the instance role's policy must                          allow sts:AssumeRole on the role"
+                    }
+                    AssumeErrorKind::Invalid => {
+                        "check the consumer's session policy, policy_arns and duration_seconds"
+                    }
+                    _ => {
+                        "STS did not answer: check the network path to STS, AWS_REGION and                          AWS_ENDPOINT_URL_STS, then run doctor again"
+                    }
+                };
+                findings.push(finding(
+                    Verdict::Fail,
+                    format!("consumer {}: {e}", consumer.name),
+                    Some(fix),
+                ));
+            }
+        }
+    }
     findings
 }
 

@@ -45,6 +45,8 @@ pub struct Probes {
     pub metrics: Arc<Metrics>,
     /// The wall clock (for seconds until expiry).
     pub clock: SharedTimeSource,
+    /// With a config file: the consumers, reported by name (never keys).
+    pub consumers: Option<crate::broker::handout::Consumers>,
 }
 
 fn router(probes: Probes) -> Router {
@@ -57,16 +59,21 @@ fn router(probes: Probes) -> Router {
 
 async fn metrics(State(probes): State<Probes>) -> Response {
     let state = probes.state.borrow().clone();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        probes.metrics.render(&state, probes.clock.now()),
-    )
-        .into_response()
+    let now = probes.clock.now();
+    let mut text = probes.metrics.render(&state, now);
+    if let Some(consumers) = &probes.consumers {
+        text.push_str(&consumers.render_metrics(now));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn healthz(State(probes): State<Probes>) -> Response {
     let state = probes.state.borrow().clone();
-    let (status, body) = health(&state, &probes.metrics, probes.clock.now());
+    let now = probes.clock.now();
+    let (status, mut body) = health(&state, &probes.metrics, now);
+    if let Some(consumers) = &probes.consumers {
+        body["consumers"] = consumers.health(now);
+    }
     json(status, body.to_string())
 }
 

@@ -1,9 +1,10 @@
-//! `imds-agent mock-imds`: the emulator as a standalone process.
+//! `imds-agent mock-imds`: the IMDS emulator, and the STS emulator beside
+//! it, as a standalone process.
 
 use std::time::Duration;
 
 use anyhow::Context;
-use imds_client::mock::MockImds;
+use imds_client::mock::{MockImds, MockSts};
 
 use crate::cli::MockImdsArgs;
 
@@ -32,9 +33,20 @@ pub async fn run(
             imds.endpoint()
         ),
     }
-    tracing::info!(endpoint = %imds.endpoint(), "IMDS emulator started");
+    // The STS emulator beside it, on a loopback port of its own, verifying
+    // SigV4 against the credentials this IMDS emulator issues: for the
+    // agent's consumers (`run --config`).
+    let sts_listen = std::net::SocketAddr::new(args.listen.ip(), 0);
+    let sts = MockSts::for_imds(&imds)
+        .listen(sts_listen)
+        .start()
+        .await
+        .with_context(|| format!("starting the STS emulator on {sts_listen}"))?;
+    println!("AWS_ENDPOINT_URL_STS={}", sts.endpoint());
+    tracing::info!(endpoint = %imds.endpoint(), sts = %sts.endpoint(), "IMDS and STS emulators started");
     shutdown.await;
-    tracing::info!("stopping the IMDS emulator");
+    tracing::info!("stopping the IMDS and STS emulators");
+    sts.shutdown().await;
     imds.shutdown().await;
     Ok(())
 }

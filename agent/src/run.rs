@@ -223,6 +223,85 @@ pub fn sinks(args: &RunArgs) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
     Ok(sinks)
 }
 
+/// Reads and validates `--config` (every problem with file, line and key),
+/// before anything starts. `None` without `--config`.
+pub fn load_config(args: &RunArgs) -> anyhow::Result<Option<crate::broker::config::Config>> {
+    let Some(path) = &args.config else {
+        return Ok(None);
+    };
+    let config = crate::broker::config::Config::load(path)?;
+    if args.socket.is_none()
+        && args.container_endpoint.is_none()
+        && config
+            .files()
+            .all(|(_, key, _)| key == "container_token_file")
+    {
+        tracing::warn!(
+            config = %path.display(),
+            "no --socket, no --container-endpoint and no consumer files: no consumer gets \
+             credentials"
+        );
+    }
+    if args.container_endpoint.is_none() {
+        for (consumer, key, file) in config
+            .files()
+            .filter(|(_, key, _)| *key == "container_token_file")
+        {
+            tracing::warn!(
+                config = %path.display(),
+                consumer = %consumer.name,
+                key,
+                file = %file.display(),
+                "a consumer has a container token but no --container-endpoint is given: \
+                 no container gets its credentials"
+            );
+        }
+    }
+    Ok(Some(config))
+}
+
+/// The broker for `config`'s consumers, and the task (pushed to `servers`)
+/// that tells it about every change of the instance role.
+fn consumers(
+    args: &RunArgs,
+    config: crate::broker::config::Config,
+    provider: &ImdsCredentialsProvider,
+    shutdown: &Shutdown,
+    metrics: &Arc<Metrics>,
+    servers: &mut Vec<Server>,
+) -> anyhow::Result<crate::broker::handout::Consumers> {
+    use crate::broker::{assumer::StsAssumer, cache::Broker, sts::StsClient};
+    let assumer = StsAssumer::new(imds_client(args)?, StsClient::builder).context(
+        "configuring the STS client for the consumers (AWS_ENDPOINT_URL_STS, AWS_REGION)",
+    )?;
+    let broker = Broker::builder(assumer).config(&config).build();
+    tracing::info!(
+        config = ?config.path(),
+        consumers = ?config.consumers().iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        unmatched = ?config.unmatched(),
+        "consumers configured: each socket peer gets its consumer's STS session"
+    );
+    let follow = crate::broker::handout::follow(
+        broker.clone(),
+        provider.subscribe(),
+        shutdown.clone().wait_owned(),
+    );
+    servers.push(Server::new("consumer broker", async move {
+        follow.await;
+        Ok(())
+    }));
+    servers.extend(crate::broker::files::tasks(
+        &broker,
+        &provider.subscribe(),
+        metrics,
+        shutdown,
+    )?);
+    Ok(crate::broker::handout::Consumers {
+        config: Arc::new(config),
+        broker,
+    })
+}
+
 /// What `main` hands the agent from the process's start: the socket systemd
 /// passed (socket activation) and systemd's notify socket.
 #[derive(Debug)]
@@ -247,6 +326,7 @@ pub async fn run(
     } = inherited;
     let shutdown = Shutdown::on(shutdown);
     validate_outputs(&args, activated.is_some())?;
+    let config = load_config(&args)?;
     let metrics = Arc::new(Metrics::default());
     let provider = provider(&args, metrics.clone())?;
     let sinks = sinks(&args)?;
@@ -272,10 +352,22 @@ pub async fn run(
         (None, None) => None,
     };
     let mut servers = Vec::new();
+    let consumers = match config {
+        Some(config) => Some(consumers(
+            &args,
+            config,
+            &provider,
+            &shutdown,
+            &metrics,
+            &mut servers,
+        )?),
+        None => None,
+    };
     let probes = Probes {
         state: provider.subscribe(),
         metrics: metrics.clone(),
         clock: clock.clone(),
+        consumers: consumers.clone(),
     };
     let mut metrics_at = Vec::new();
     let mut metrics_socket_file = None;
@@ -326,6 +418,7 @@ pub async fn run(
             limits: ServerLimits::default(),
             refresher,
             metrics_at,
+            consumers: consumers.clone(),
         };
         let serve = crate::server::serve(listener, socket, shutdown.clone().wait_owned());
         servers.push(Server::new("credential socket", async move {
@@ -335,6 +428,15 @@ pub async fn run(
     }
     if let Some(addr) = args.container_endpoint {
         let token = crate::token_file::load_or_create(&args.container_token_file)?;
+        let container_consumers = match &consumers {
+            Some(consumers) => Some(crate::container::ContainerConsumers {
+                tokens: Arc::new(crate::broker::tokens::ConsumerTokens::load(
+                    &consumers.config,
+                )?),
+                consumers: consumers.clone(),
+            }),
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the container endpoint {addr}"))?;
@@ -347,13 +449,14 @@ pub async fn run(
         );
         servers.push(Server::new(
             "container endpoint",
-            crate::container::serve_with_metrics(
+            crate::container::serve_for_consumers(
                 listener,
                 token,
                 provider.subscribe(),
                 clock.clone(),
                 metrics.clone(),
                 Some(imds_client(&args)?),
+                container_consumers,
                 shutdown.clone().wait_owned(),
             ),
         ));

@@ -1,5 +1,9 @@
 //! HTTP/1.1 over the credential socket: `GET /credentials`, `POST /refresh`
-//! (see [`crate::refresh`]) and `GET /healthz`. `/metrics` is not served here
+//! (see [`crate::refresh`]) and `GET /healthz`. With a config file
+//! (`run --config`), `GET /credentials` answers each peer with its
+//! consumer's STS session, matched by `SO_PEERCRED` uid/gid
+//! ([`crate::broker::handout`]); `POST /refresh` still refreshes the
+//! instance credentials only. `/metrics` is not served here
 //! (404 naming where it is): it lives on the metrics listener
 //! ([`crate::metrics_listener`]), so that monitoring needs no access to
 //! credentials.
@@ -16,6 +20,7 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -25,6 +30,8 @@ use imds_client::{ProviderState, RoleCredentials, SharedTimeSource};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
+use crate::broker::config::Match;
+use crate::broker::handout::{self, Consumers, PeerId};
 use crate::format::credential_process_json;
 pub use crate::http_listener::ServerLimits;
 use crate::http_listener::{Admission, Peer, Refusal, Refusals, serve_limited};
@@ -80,6 +87,9 @@ pub struct CredentialSocket {
     /// Where metrics are served (`--metrics-socket`, `--metrics-listen`),
     /// named in the 404 for `/metrics`.
     pub metrics_at: Vec<String>,
+    /// With a config file: each peer gets its consumer's session (or 403).
+    /// `None`: every admitted peer gets the instance role, as before.
+    pub consumers: Option<Consumers>,
 }
 
 #[derive(Clone)]
@@ -89,6 +99,7 @@ struct App {
     clock: SharedTimeSource,
     refresher: Refresher,
     metrics_at: Arc<[String]>,
+    consumers: Option<Consumers>,
 }
 
 fn router(app: App) -> Router {
@@ -108,11 +119,23 @@ fn error(status: StatusCode, message: &str) -> Response {
     json(status, serde_json::json!({ "error": message }).to_string())
 }
 
-async fn credentials(State(app): State<App>) -> Response {
+/// `GET /credentials`. With a config file, the peer's consumer's session
+/// (or 403 for a peer no consumer claims, unless `unmatched =
+/// "instance-role"`), each answer audited ([`handout`]); without one, the
+/// instance role's credentials.
+async fn credentials(State(app): State<App>, peer: Option<Extension<PeerId>>) -> Response {
     app.metrics.request();
     let state = app.state.borrow().clone();
-    match &state {
-        ProviderState::Active { current, .. } => served(current, &app.clock),
+    if let (Some(consumers), Some(Extension(peer))) = (&app.consumers, peer) {
+        return for_consumer(consumers, &peer, &state, &app.clock).await;
+    }
+    instance_role(&state, &app.clock)
+}
+
+/// The instance role's credentials, as without a config file.
+fn instance_role(state: &ProviderState, clock: &SharedTimeSource) -> Response {
+    match state {
+        ProviderState::Active { current, .. } => served(current, clock),
         ProviderState::NoRole => no_role(),
         ProviderState::Starting => error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -122,6 +145,63 @@ async fn credentials(State(app): State<App>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             "no valid credentials: IMDS is unavailable",
         ),
+    }
+}
+
+/// What a peer gets with a config file, audited.
+async fn for_consumer(
+    consumers: &Consumers,
+    peer: &PeerId,
+    state: &ProviderState,
+    clock: &SharedTimeSource,
+) -> Response {
+    const OUTPUT: &str = "socket";
+    match consumers.answer(peer, state).await {
+        handout::Answer::Consumer {
+            name,
+            result: Ok(session),
+        } => {
+            handout::audit(&name, OUTPUT, peer, Some(&session), "served", None);
+            json(StatusCode::OK, credential_process_json(&session))
+        }
+        handout::Answer::Consumer {
+            name,
+            result: Err(e),
+        } => {
+            let message = e.to_string();
+            handout::audit(&name, OUTPUT, peer, None, "error", Some(&message));
+            let status = match e {
+                crate::broker::cache::BrokerError::NoInstanceRole => StatusCode::NOT_FOUND,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            error(status, &message)
+        }
+        handout::Answer::InstanceRole => {
+            let response = instance_role(state, clock);
+            match (response.status(), state.current()) {
+                (StatusCode::OK, Some(current)) => handout::audit(
+                    "(instance-role)",
+                    OUTPUT,
+                    peer,
+                    Some(current),
+                    "served",
+                    None,
+                ),
+                (status, _) => handout::audit(
+                    "(instance-role)",
+                    OUTPUT,
+                    peer,
+                    None,
+                    "error",
+                    Some(status.as_str()),
+                ),
+            }
+            response
+        }
+        handout::Answer::Denied(reason) => {
+            handout::audit("", OUTPUT, peer, None, "denied", Some(&reason));
+            error(StatusCode::FORBIDDEN, &reason)
+        }
     }
 }
 
@@ -148,9 +228,30 @@ fn no_role() -> Response {
 /// what it brought: 200 and the `/credentials` JSON, 404 when no role is
 /// attached, 503 when IMDS failed, 429 with `Retry-After` right after
 /// another refresh.
-async fn refresh(State(app): State<App>) -> Response {
+///
+/// The refresh is of the **instance** credentials (consumers' sessions keep
+/// their own schedule). With a config file the answer is what
+/// `GET /credentials` gives this peer afterwards, never the instance role's
+/// credentials unless the peer gets those anyway; a denied peer is refused
+/// before anything is asked.
+async fn refresh(State(app): State<App>, peer: Option<Extension<PeerId>>) -> Response {
     app.metrics.request();
+    let consumer = match (&app.consumers, peer) {
+        (Some(consumers), Some(Extension(peer))) => {
+            let state = app.state.borrow().clone();
+            if let Match::Denied = consumers.config.consumer_for(peer.uid, peer.gid) {
+                return for_consumer(consumers, &peer, &state, &app.clock).await;
+            }
+            Some((consumers, peer))
+        }
+        _ => None,
+    };
     match app.refresher.refresh().await {
+        Answer::Done(Ok(_)) if consumer.is_some() => {
+            let (consumers, peer) = consumer.expect("checked");
+            let state = app.state.borrow().clone();
+            for_consumer(consumers, &peer, &state, &app.clock).await
+        }
         Answer::Done(Ok(current)) => served(&current, &app.clock),
         Answer::Done(Err(failure)) if failure.no_role => no_role(),
         Answer::Done(Err(failure)) => error(
@@ -182,7 +283,11 @@ async fn refresh(State(app): State<App>) -> Response {
 async fn healthz(State(app): State<App>) -> Response {
     app.metrics.request();
     let state = app.state.borrow().clone();
-    let (status, body) = health(&state, &app.metrics, app.clock.now());
+    let now = app.clock.now();
+    let (status, mut body) = health(&state, &app.metrics, now);
+    if let Some(consumers) = &app.consumers {
+        body["consumers"] = consumers.health(now);
+    }
     json(status, body.to_string())
 }
 
@@ -218,6 +323,7 @@ pub async fn serve(
         limits,
         refresher,
         metrics_at,
+        consumers,
     } = socket;
     let app = router(App {
         state,
@@ -225,6 +331,7 @@ pub async fn serve(
         clock,
         refresher,
         metrics_at: metrics_at.into(),
+        consumers,
     });
     let refusals = Arc::new(Refusals::new("socket", metrics));
     let admit = |stream: &UnixStream| match stream.peer_cred() {
@@ -236,7 +343,12 @@ pub async fn serve(
                 addr: None,
             };
             if policy.allows(cred.uid(), cred.gid()) {
-                Admission::Serve(peer, app.clone())
+                let id = PeerId {
+                    uid: cred.uid(),
+                    gid: cred.gid(),
+                    pid: peer.pid,
+                };
+                Admission::Serve(peer, app.clone().layer(Extension(id)))
             } else {
                 Admission::Refuse(peer, Refusal::AllowList)
             }

@@ -1,0 +1,268 @@
+//! The broker in the running agent: which credentials a peer gets, the
+//! audit record of each answer, and the task that tells the broker about
+//! every change of the instance role.
+//!
+//! # Audit
+//!
+//! Every hand-out and every refusal of credentials to a consumer (or, with a
+//! config file, to an unmatched peer) is one log record with target
+//! `imds_agent::audit`: `consumer`, `output`, the peer's `uid`/`gid`/`pid`
+//! and `exe` (the target of `/proc/PID/exe`, when the agent may read it:
+//! the unit's `ProtectProc=invisible` and a peer of another user usually
+//! hide it, and a pid read at connect time may belong to another process
+//! by the time it is read, so `exe` is a hint, the uid is the fact),
+//! `role`, `access_key_id`, `expiration` and `result` (`served`, `denied`,
+//! `error`) with a `reason` for anything but `served`. Secret keys and
+//! session tokens are never in it. With `--log-format json` each record is
+//! one JSON object a line, which journald stores as one entry; CloudTrail's
+//! `AssumeRole` event for the same session carries the session name
+//! `<consumer>@<instance-id>` and the same access key id.
+
+use std::sync::Arc;
+
+use imds_client::{ProviderState, RoleCredentials};
+use tokio::sync::watch;
+
+use super::assumer::StsAssumer;
+use super::cache::{Broker, BrokerError};
+use super::config::{Config, Match};
+
+/// The broker as the agent runs it.
+pub type AgentBroker = Broker<StsAssumer>;
+
+/// The consumers' config and their broker, shared by the outputs.
+#[derive(Debug, Clone)]
+pub struct Consumers {
+    /// The validated config.
+    pub config: Arc<Config>,
+    /// The per-consumer session cache.
+    pub broker: AgentBroker,
+}
+
+/// Who asks, as the kernel reported it at connect time.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerId {
+    /// Effective uid (`SO_PEERCRED`).
+    pub uid: u32,
+    /// Primary gid (`SO_PEERCRED`).
+    pub gid: u32,
+    /// Pid at connect time, when known.
+    pub pid: Option<u32>,
+}
+
+/// What a peer gets.
+#[derive(Debug)]
+pub enum Answer {
+    /// Its consumer's session.
+    Consumer {
+        /// The consumer's name.
+        name: String,
+        /// The session, or why there is none.
+        result: Result<RoleCredentials, BrokerError>,
+    },
+    /// The instance role's own credentials (`unmatched = "instance-role"`).
+    InstanceRole,
+    /// Nothing: no consumer matches, and `unmatched = "deny"`. The reason
+    /// names the peer and the fix.
+    Denied(String),
+}
+
+impl Consumers {
+    /// What `peer` gets, given the instance provider's `state` now.
+    pub async fn answer(&self, peer: &PeerId, state: &ProviderState) -> Answer {
+        match self.config.consumer_for(peer.uid, peer.gid) {
+            Match::Consumer(consumer) => Answer::Consumer {
+                name: consumer.name.clone(),
+                result: self.broker.credentials(&consumer.name, state).await,
+            },
+            Match::InstanceRole => Answer::InstanceRole,
+            Match::Denied => Answer::Denied(format!(
+                "uid {} (primary gid {}) matches no consumer in {} and unmatched = \"deny\": \
+                 add the uid or gid to a consumer's uids/gids, or set unmatched = \"instance-role\"",
+                peer.uid,
+                peer.gid,
+                self.config
+                    .path()
+                    .map_or_else(|| "the config".to_owned(), |p| p.display().to_string()),
+            )),
+        }
+    }
+}
+
+/// The executable of `pid`, when `/proc` lets the agent read it.
+pub fn executable(pid: Option<u32>) -> Option<String> {
+    let pid = pid?;
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.display().to_string())
+}
+
+/// One audit record (module docs). `credentials` only for `served`;
+/// `reason` for anything else. Never logs a secret.
+pub fn audit(
+    consumer: &str,
+    output: &str,
+    peer: &PeerId,
+    credentials: Option<&RoleCredentials>,
+    result: &str,
+    reason: Option<&str>,
+) {
+    audit_ids(
+        consumer,
+        output,
+        (Some(peer.uid), Some(peer.gid), peer.pid),
+        credentials,
+        result,
+        reason,
+    );
+}
+
+/// As [`audit`], for a peer whose uid, gid or pid may be unknown (a
+/// container's loopback TCP connection: uid from `sock_diag`, no gid or
+/// pid); unknown ids are logged as -1.
+pub fn audit_ids(
+    consumer: &str,
+    output: &str,
+    (uid, gid, pid): (Option<u32>, Option<u32>, Option<u32>),
+    credentials: Option<&RoleCredentials>,
+    result: &str,
+    reason: Option<&str>,
+) {
+    let exe = executable(pid);
+    let uid = uid.map(i64::from).unwrap_or(-1);
+    let gid = gid.map(i64::from).unwrap_or(-1);
+    let (role, key, expiration) = match credentials {
+        Some(c) => (
+            c.role.as_str(),
+            c.credentials.access_key_id().to_owned(),
+            c.credentials.expiration_rfc3339(),
+        ),
+        None => ("", String::new(), String::new()),
+    };
+    let pid = pid.map(i64::from).unwrap_or(-1);
+    let exe = exe.as_deref().unwrap_or("");
+    let reason = reason.unwrap_or("");
+    if result == "served" {
+        tracing::info!(
+            target: "imds_agent::audit",
+            audit = true,
+            consumer,
+            output,
+            uid,
+            gid,
+            pid,
+            exe,
+            role,
+            access_key_id = %key,
+            expiration = %expiration,
+            result,
+            "credentials handed out"
+        );
+    } else {
+        tracing::warn!(
+            target: "imds_agent::audit",
+            audit = true,
+            consumer,
+            output,
+            uid,
+            gid,
+            pid,
+            exe,
+            result,
+            reason,
+            "credentials refused"
+        );
+    }
+}
+
+/// Tells the broker about every change of the instance provider's state,
+/// so a detach withdraws every consumer's session at once and a
+/// replacement drops the old role's sessions (the next request assumes
+/// again with the new role). Returns when the provider is gone or at
+/// `shutdown`.
+pub async fn follow(
+    broker: AgentBroker,
+    mut state: watch::Receiver<ProviderState>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let current = state.borrow_and_update().clone();
+        let dropped = broker.observe(&current);
+        if !dropped.is_empty() {
+            tracing::info!(
+                consumers = ?dropped,
+                "the instance role changed: these consumers' sessions were withdrawn"
+            );
+        }
+        tokio::select! {
+            () = &mut shutdown => return,
+            changed = state.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+impl Consumers {
+    /// Each consumer as `/healthz` shows it: its name, whether it holds a
+    /// valid session, seconds until that expires, and its last STS error.
+    /// Names only, never keys.
+    pub fn health(&self, now: std::time::SystemTime) -> serde_json::Value {
+        let mut status = self.broker.status();
+        status.sort_by(|a, b| a.name.cmp(&b.name));
+        status
+            .into_iter()
+            .map(|c| {
+                let left = c
+                    .expiration
+                    .and_then(|e| e.duration_since(now).ok())
+                    .map(|d| d.as_secs());
+                serde_json::json!({
+                    "name": c.name,
+                    "status": if left.is_some() { "ok" } else { "no-session" },
+                    "expires_in_seconds": left,
+                    "last_error": c.last_error,
+                })
+            })
+            .collect()
+    }
+
+    /// Per-consumer gauges in the Prometheus text format, appended to
+    /// `/metrics`: `imds_agent_consumer_session_valid{consumer}` (1 while
+    /// it holds a valid session) and
+    /// `imds_agent_consumer_session_expiry_seconds{consumer}` (0 without one).
+    pub fn render_metrics(&self, now: std::time::SystemTime) -> String {
+        let mut status = self.broker.status();
+        status.sort_by(|a, b| a.name.cmp(&b.name));
+        let left: Vec<(String, Option<u64>)> = status
+            .into_iter()
+            .map(|c| {
+                let left = c
+                    .expiration
+                    .and_then(|e| e.duration_since(now).ok())
+                    .map(|d| d.as_secs());
+                (c.name, left)
+            })
+            .collect();
+        let mut out = String::from(
+            "# HELP imds_agent_consumer_session_valid 1 while the consumer holds a valid STS session.\n\
+             # TYPE imds_agent_consumer_session_valid gauge\n",
+        );
+        for (name, left) in &left {
+            out.push_str(&format!(
+                "imds_agent_consumer_session_valid{{consumer=\"{name}\"}} {}\n",
+                u8::from(left.is_some())
+            ));
+        }
+        out.push_str(
+            "# HELP imds_agent_consumer_session_expiry_seconds Seconds until the consumer's STS session expires (0 without one).\n\
+             # TYPE imds_agent_consumer_session_expiry_seconds gauge\n",
+        );
+        for (name, left) in &left {
+            out.push_str(&format!(
+                "imds_agent_consumer_session_expiry_seconds{{consumer=\"{name}\"}} {}\n",
+                left.unwrap_or(0)
+            ));
+        }
+        out
+    }
+}
