@@ -1,0 +1,23 @@
+# %preun of the imds-agent RPM. $1: 0 on erase, 1 or more on upgrade.
+# On erase, what Fedora's %systemd_preun does: disable and stop the units. The
+# opt-in IMDS lock-down goes too if it was turned on: its rule and unit are
+# files of this package, so it could not outlive the next boot anyway, and
+# without the agent it would only cut every application off IMDS.
+# The outputs (/var/lib/imds-agent), an edited /etc/sysconfig/imds-agent (kept
+# as .rpmsave) and the imds-agent user stay, as Fedora packages leave users.
+if [ "$1" -eq 0 ]; then
+    systemctl --no-reload disable imds-agent.service imds-agent.socket >/dev/null 2>&1 || :
+    lockdown=no
+    if systemctl is-enabled --quiet imds-lockdown.service 2>/dev/null ||
+        systemctl is-active --quiet imds-lockdown.service 2>/dev/null; then
+        lockdown=yes
+        systemctl --no-reload disable imds-lockdown.service >/dev/null 2>&1 || :
+    fi
+    if [ -d /run/systemd/system ]; then
+        systemctl stop imds-agent.socket imds-agent.service >/dev/null 2>&1 || :
+        [ "$lockdown" = yes ] && { systemctl stop imds-lockdown.service >/dev/null 2>&1 || :; }
+    fi
+    [ "$lockdown" = yes ] &&
+        echo "imds-agent: the IMDS lock-down (imds-lockdown.service) is off: its files go with the package."
+fi
+exit 0
