@@ -25,19 +25,7 @@ fn agent_with_container_endpoint(
 }
 
 fn request(port: u16, headers: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        stream,
-        "GET /credentials HTTP/1.1\r\n{headers}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    (
-        head.split_whitespace().nth(1).unwrap().parse().unwrap(),
-        body.to_owned(),
-    )
+    crate::util::container_request(port, headers)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -151,29 +151,19 @@ pub fn consumer_tags(consumer: &str, uid: Option<u32>) -> Vec<SessionTag> {
 /// of undocumented size): the policy's length with insignificant whitespace
 /// removed, plus each policy ARN's length, plus each tag's key and value
 /// lengths. 2048 is STS's documented limit on the plaintext of the session
-/// policies. `None` when the policy is not JSON. The STS emulator uses the
-/// same rule.
+/// policies. `None` when the policy is not JSON. One rule, shared with the
+/// STS emulator ([`imds_client::mock::sts::packed_size`]), so the client
+/// refuses exactly what the emulator would.
 pub fn packed_size(
     policy: Option<&str>,
     policy_arns: &[String],
     tags: &[SessionTag],
 ) -> Option<usize> {
-    let policy = match policy {
-        Some(text) => serde_json::from_str::<serde_json::Value>(text)
-            .ok()?
-            .to_string()
-            .chars()
-            .count(),
-        None => 0,
-    };
-    Some(
-        policy
-            + policy_arns.iter().map(|a| a.chars().count()).sum::<usize>()
-            + tags
-                .iter()
-                .map(|t| t.key.chars().count() + t.value.chars().count())
-                .sum::<usize>(),
-    )
+    let tags: Vec<(String, String)> = tags
+        .iter()
+        .map(|t| (t.key.clone(), t.value.clone()))
+        .collect();
+    imds_client::mock::sts::packed_size(policy, policy_arns, &tags)
 }
 
 /// A session tag (`Tags.member.N`).
