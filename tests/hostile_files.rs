@@ -616,17 +616,17 @@ async fn what_other_tools_write_in_a_credentials_file_is_kept_or_refused_never_h
     let kept: [(&str, &str, &[u8]); 3] = [
         (
             "bom",
-            r"\357\273\277[default]\naws_access_key_id = OLD\n[dev]\naws_access_key_id = DEV\n",
+            r"\357\273\277[default]\naws_access_key_id = OLD-KEY\n[dev]\naws_access_key_id = DEV\n",
             b"[dev]\naws_access_key_id = DEV\n",
         ),
         (
             "cr-only",
-            r"[dev]\raws_access_key_id = DEV\r[default]\raws_access_key_id = OLD\r",
+            r"[dev]\raws_access_key_id = DEV\r[default]\raws_access_key_id = OLD-KEY\r",
             b"[dev]\raws_access_key_id = DEV\r",
         ),
         (
             "non-utf8",
-            r"[dev]\naws_access_key_id = D\377EV\n[default]\naws_access_key_id = OLD\n",
+            r"[dev]\naws_access_key_id = D\377EV\n[default]\naws_access_key_id = OLD-KEY\n",
             b"[dev]\naws_access_key_id = D\xffEV\n",
         ),
     ];
@@ -653,7 +653,7 @@ async fn what_other_tools_write_in_a_credentials_file_is_kept_or_refused_never_h
             "{case}: expected the user's other profile kept byte for byte, got {shown:?}"
         );
         assert!(
-            !contains(&bytes, b"OLD"),
+            !contains(&bytes, b"OLD-KEY"),
             "{case}: expected the old [default] replaced, got {shown:?}"
         );
         eqnice!(1, count(&bytes, b"[default]"));
