@@ -25,6 +25,7 @@ pub mod server;
 pub mod shutdown;
 pub mod signals;
 pub mod sink;
+mod socket_client;
 pub mod socket_file;
 pub mod token_file;
 pub mod trust;

@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use imds_client::RoleCredentials;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -197,7 +196,7 @@ struct HttpAnswer {
 }
 
 async fn post_refresh(socket: &Path) -> anyhow::Result<HttpAnswer> {
-    let mut stream = tokio::net::UnixStream::connect(socket)
+    let stream = tokio::net::UnixStream::connect(socket)
         .await
         .with_context(|| {
             format!(
@@ -205,39 +204,20 @@ async fn post_refresh(socket: &Path) -> anyhow::Result<HttpAnswer> {
                 socket.display()
             )
         })?;
-    stream
-        .write_all(
-            b"POST /refresh HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        )
-        .await
-        .context("sending the request to the agent")?;
-    let mut raw = Vec::new();
     // The agent answers when IMDS has (its own timeouts and retries bound that).
-    tokio::time::timeout(
+    let answer = crate::socket_client::exchange(
+        stream,
+        b"POST /refresh HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         Duration::from_secs(60),
-        stream.take(1 << 20).read_to_end(&mut raw),
     )
-    .await
-    .context("the agent did not answer within 60 s")?
-    .context("reading the agent's answer")?;
-    let text = String::from_utf8(raw).context("the agent's answer is not text")?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("the agent's answer is not HTTP")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("the agent's answer has no status")?;
-    let retry_after = head.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.eq_ignore_ascii_case("retry-after")
-            .then(|| value.trim().parse().ok().map(Duration::from_secs))?
-    });
+    .await?;
+    let retry_after = answer
+        .header("retry-after")
+        .and_then(|value| value.parse().ok().map(Duration::from_secs));
     Ok(HttpAnswer {
-        status,
+        status: answer.status,
         retry_after,
-        body: body.to_owned(),
+        body: answer.body,
     })
 }
 
