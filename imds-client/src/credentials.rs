@@ -9,7 +9,7 @@
 //! of the document into the error, since the document holds secrets.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
 use serde::Deserialize;
@@ -28,6 +28,20 @@ use crate::secret::SecretString;
 #[derive(Clone)]
 pub struct Credentials {
     parts: Arc<Parts>,
+}
+
+/// [`Credentials`] that are not kept alive by this handle: once the last
+/// clone is dropped the secrets are zeroed, and [`WeakCredentials::upgrade`]
+/// answers `None`.
+#[derive(Debug, Default)]
+pub(crate) struct WeakCredentials(Weak<Parts>);
+
+impl WeakCredentials {
+    /// The credentials, if a clone still holds them.
+    #[inline]
+    pub(crate) fn upgrade(&self) -> Option<Credentials> {
+        self.0.upgrade().map(|parts| Credentials { parts })
+    }
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -133,6 +147,12 @@ impl Credentials {
             !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_digit())
         });
         Ok(credentials)
+    }
+
+    /// A handle that does not keep the secrets alive: it gives the
+    /// credentials back only while some clone still holds them.
+    pub(crate) fn downgrade(&self) -> WeakCredentials {
+        WeakCredentials(Arc::downgrade(&self.parts))
     }
 
     /// A copy with its own reference count (the secrets copied once), so

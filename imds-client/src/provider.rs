@@ -251,7 +251,13 @@ impl ImdsCredentialsProvider {
 
     /// Current credentials: from the cache while fresh, otherwise loaded.
     pub async fn credentials(&self) -> Result<crate::Credentials, Error> {
-        if let Some(credentials) = self.cached(|e| e.shard().credentials.clone()) {
+        if let Some(credentials) = self.inner.cache.recall_credentials(self.inner.clock.now()) {
+            return Ok(credentials);
+        }
+        if let Some(credentials) = self.cached(|e| {
+            self.inner.cache.remember(e);
+            e.shard().credentials.clone()
+        }) {
             return Ok(credentials);
         }
         // Boxed: this future stays a few words, so a cached call neither
@@ -372,19 +378,25 @@ impl ImdsCredentialsProvider {
     /// they are (see [`sdk`]).
     #[inline]
     pub(crate) fn cached_sdk(&self) -> Option<aws_credential_types::Credentials> {
-        self.cached(|e| e.shard().sdk.clone())
+        if let Some(sdk) = self.inner.cache.recall_sdk(self.inner.clock.now()) {
+            return Some(sdk);
+        }
+        self.cached(|e| {
+            self.inner.cache.remember(e);
+            (*e.shard().sdk).clone()
+        })
     }
 
     /// The AWS SDK's credentials, by the slow path.
     pub(crate) async fn resolve_sdk(&self) -> Result<aws_credential_types::Credentials, Error> {
         self.resolve(Reason::Mandatory)
             .await
-            .map(|e| e.shard().sdk.clone())
+            .map(|e| (*e.shard().sdk).clone())
     }
 
     /// The AWS SDK's form of the last good credentials, if any.
     pub(crate) fn last_good_sdk(&self) -> Option<aws_credential_types::Credentials> {
-        self.inner.cache.get().map(|e| e.shard().sdk.clone())
+        self.inner.cache.get().map(|e| (*e.shard().sdk).clone())
     }
 
     /// Records whether IMDS is answering, for subscribers: a failing IMDS

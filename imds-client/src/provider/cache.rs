@@ -6,9 +6,8 @@
 //! recomputes windows per call.
 //!
 //! An entry is immutable. Every change (a fetch, a failure kept or
-//! withdrawn, a new skew reading, an invalidation) makes a new one and swaps
-//! it in under [`Cache`]'s write lock, so the cached path is one lock-free
-//! load and one comparison.
+//! withdrawn, a new skew reading, an invalidation) makes a new one, with a
+//! number never used before, and swaps it in under [`Cache`]'s write lock.
 //!
 //! A cached call hands out a clone: one reference count incremented. Threads
 //! incrementing the same count at once slow each other down several times
@@ -18,19 +17,44 @@
 //! belong to the entry, not to threads: they go (and their secrets are
 //! zeroized) when the entry is replaced or withdrawn and the last clone
 //! handed out is dropped.
+//!
+//! The quickest path is a thread's memory of the entry it last served
+//! ([`Cache::recall_credentials`]): the entry's number, its `serve_until` and
+//! *weak* handles to its shard. A call compares the number with the published
+//! one (one plain atomic load of a line no one writes between fetches) and
+//! the clock with `serve_until`, then upgrades the weak handle: no
+//! hazard-pointer bookkeeping as in a full `ArcSwap` load. A weak handle does
+//! not keep the secrets alive, so an idle thread never holds on to withdrawn
+//! or replaced credentials: once the entry and the clones handed out are
+//! gone, the secrets are zeroized and the upgrade fails.
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwapOption, Guard};
 
 use super::state::RoleCredentials;
-use crate::credentials::Credentials;
+use crate::credentials::{Credentials, WeakCredentials};
 
 /// The most shards an entry holds.
 const MAX_SHARDS: usize = 16;
+
+/// How many providers' entries a thread remembers at once (a power of two;
+/// providers beyond that on one thread share slots and take the slower path
+/// more often, never a wrong one).
+const REMEMBERED: usize = 4;
+
+/// The next entry number: never reused, never 0 (0 means "no entry").
+static NEXT_ENTRY_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The next cache number, which picks a cache's slot in a thread's memory.
+static NEXT_CACHE_KEY: AtomicUsize = AtomicUsize::new(0);
+
+fn next_entry_id() -> u64 {
+    NEXT_ENTRY_ID.fetch_add(1, Ordering::Relaxed)
+}
 
 /// Default mandatory refresh window: callers wait for a refresh inside it.
 pub const DEFAULT_MANDATORY_REFRESH_WINDOW: Duration = Duration::from_secs(60);
@@ -126,8 +150,9 @@ impl Timing {
 pub(crate) struct Shard {
     /// Ours.
     pub(crate) credentials: Credentials,
-    /// The AWS SDK's, converted once.
-    pub(crate) sdk: aws_credential_types::Credentials,
+    /// The AWS SDK's, converted once (shared, so that a thread can hold a
+    /// weak handle to it).
+    pub(crate) sdk: Arc<aws_credential_types::Credentials>,
 }
 
 /// How many shards entries hold: the next power of two at or above the
@@ -161,6 +186,8 @@ pub(crate) fn shard_index(count: usize) -> usize {
 /// The cached state: credentials, both forms, and their schedule.
 #[derive(Debug)]
 pub(crate) struct Entry {
+    /// This entry's number, never reused.
+    id: u64,
     /// The role and its credentials.
     pub(crate) current: RoleCredentials,
     /// Copies of the credentials for cached calls (a power of two of them).
@@ -190,11 +217,12 @@ impl Entry {
                 } else {
                     current.credentials.separate_copy()
                 };
-                let sdk = credentials.to_aws_credentials(super::sdk::PROVIDER_NAME);
+                let sdk = Arc::new(credentials.to_aws_credentials(super::sdk::PROVIDER_NAME));
                 Shard { credentials, sdk }
             })
             .collect();
         Self {
+            id: next_entry_id(),
             current,
             shards,
             schedule: timing.schedule(windows),
@@ -206,6 +234,7 @@ impl Entry {
     /// repeated).
     pub(crate) fn with_timing(&self, timing: Timing, windows: &Windows) -> Self {
         Self {
+            id: next_entry_id(),
             current: self.current.clone(),
             shards: self.shards.clone(),
             schedule: timing.schedule(windows),
@@ -230,11 +259,44 @@ impl Entry {
     }
 }
 
-/// The one place the entry lives: read without a lock, replaced under one.
+/// What a thread remembers of the entry it last served for one cache.
 #[derive(Debug, Default)]
+struct Remembered {
+    /// The entry's number (0: nothing remembered).
+    entry_id: u64,
+    /// The entry's `schedule.serve_until`.
+    serve_until: Option<SystemTime>,
+    /// This thread's shard, weakly.
+    credentials: WeakCredentials,
+    /// The same, in the AWS SDK's form.
+    sdk: Weak<aws_credential_types::Credentials>,
+}
+
+thread_local! {
+    static REMEMBERED_ENTRIES: RefCell<[Remembered; REMEMBERED]> =
+        RefCell::new(Default::default());
+}
+
+/// The one place the entry lives: read without a lock, replaced under one.
+#[derive(Debug)]
 pub(crate) struct Cache {
     entry: ArcSwapOption<Entry>,
+    /// The number of the entry in `entry` (0: none), stored after it.
+    published: AtomicU64,
+    /// This cache's slot in a thread's memory.
+    slot: usize,
     write: Mutex<()>,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self {
+            entry: ArcSwapOption::default(),
+            published: AtomicU64::new(0),
+            slot: NEXT_CACHE_KEY.fetch_add(1, Ordering::Relaxed) & (REMEMBERED - 1),
+            write: Mutex::new(()),
+        }
+    }
 }
 
 impl Cache {
@@ -249,6 +311,58 @@ impl Cache {
         self.entry.load_full()
     }
 
+    /// The credentials this thread last served from this cache, if that entry
+    /// is still the published one, `now` is before its `serve_until`, and its
+    /// credentials are still held (by the entry or a clone handed out).
+    #[inline]
+    pub(crate) fn recall_credentials(&self, now: SystemTime) -> Option<Credentials> {
+        self.recall(now, |remembered| remembered.credentials.upgrade())
+    }
+
+    /// [`Cache::recall_credentials`] in the AWS SDK's form.
+    #[inline]
+    pub(crate) fn recall_sdk(&self, now: SystemTime) -> Option<aws_credential_types::Credentials> {
+        self.recall(now, |remembered| {
+            remembered.sdk.upgrade().map(|sdk| (*sdk).clone())
+        })
+    }
+
+    #[inline]
+    fn recall<T>(&self, now: SystemTime, take: impl FnOnce(&Remembered) -> Option<T>) -> Option<T> {
+        let published = self.published.load(Ordering::Acquire);
+        REMEMBERED_ENTRIES
+            .try_with(|memory| {
+                let memory = memory.try_borrow().ok()?;
+                let remembered = &memory[self.slot];
+                let fresh = remembered.entry_id == published
+                    && remembered.serve_until.is_some_and(|until| now < until);
+                if fresh { take(remembered) } else { None }
+            })
+            .ok()
+            .flatten()
+    }
+
+    /// Makes this thread remember `entry` (served from this cache) for
+    /// [`Cache::recall_credentials`].
+    pub(crate) fn remember(&self, entry: &Entry) {
+        let _ = REMEMBERED_ENTRIES.try_with(|memory| {
+            let Ok(mut memory) = memory.try_borrow_mut() else {
+                return;
+            };
+            let remembered = &mut memory[self.slot];
+            if remembered.entry_id == entry.id {
+                return;
+            }
+            let shard = entry.shard();
+            *remembered = Remembered {
+                entry_id: entry.id,
+                serve_until: Some(entry.schedule.serve_until),
+                credentials: shard.credentials.downgrade(),
+                sdk: Arc::downgrade(&shard.sdk),
+            };
+        });
+    }
+
     /// Replaces the entry with what `change` makes of the current one, with
     /// no other change in between; returns what `change` returns.
     pub(crate) fn update<R>(
@@ -257,7 +371,9 @@ impl Cache {
     ) -> R {
         let _writing = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let (next, result) = change(self.entry.load_full());
+        let id = next.as_ref().map_or(0, |entry| entry.id);
         self.entry.store(next);
+        self.published.store(id, Ordering::Release);
         result
     }
 }
@@ -269,5 +385,174 @@ pub(crate) fn shift(t: SystemTime, secs: i64) -> SystemTime {
         t.checked_add(by).unwrap_or(t)
     } else {
         t.checked_sub(by).unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    const T0: Duration = Duration::from_secs(1_000_000);
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + T0 + Duration::from_secs(secs)
+    }
+
+    /// An entry for credentials `key` expiring at `at(3600)`, served without
+    /// asking until `at(1800)` (fixed windows), with `shards` copies.
+    fn entry(key: &str, shards: usize) -> Arc<Entry> {
+        let credentials = Credentials::new(
+            key,
+            "SECRETSECRETSECRETSECRET",
+            "TOKENTOKENTOKENTOKENTOKEN",
+            at(3600),
+        );
+        let windows = Windows {
+            advisory: Some(Duration::from_secs(1800)),
+            mandatory: Some(Duration::from_secs(60)),
+            jitter: 1.0,
+        };
+        let timing = Timing {
+            expires: at(3600),
+            lifetime: Duration::from_secs(3600),
+            skew_secs: 0,
+            hold_until: None,
+            invalidated: false,
+        };
+        let current = RoleCredentials {
+            role: "role".into(),
+            credentials: Arc::new(credentials),
+        };
+        Arc::new(Entry::new(current, timing, &windows, shards))
+    }
+
+    fn publish(cache: &Cache, entry: Option<Arc<Entry>>) {
+        cache.update(|_| (entry, ()));
+    }
+
+    #[test]
+    fn a_thread_recalls_the_published_entry_until_serve_until() {
+        let cache = Cache::default();
+        let a = entry("AKIDAAAAAAAAAAAAAAAA", 2);
+        publish(&cache, Some(a.clone()));
+        assert!(
+            cache.recall_credentials(at(0)).is_none(),
+            "nothing remembered yet"
+        );
+        cache.remember(&a);
+        let recalled = cache.recall_credentials(at(0)).expect("remembered");
+        assert_eq!(recalled.access_key_id(), "AKIDAAAAAAAAAAAAAAAA");
+        assert_eq!(
+            cache
+                .recall_sdk(at(1799))
+                .expect("sdk form")
+                .access_key_id(),
+            "AKIDAAAAAAAAAAAAAAAA"
+        );
+        assert!(
+            cache.recall_credentials(at(1800)).is_none(),
+            "from serve_until on, the policy decides"
+        );
+        assert!(cache.recall_sdk(at(1800)).is_none());
+    }
+
+    #[test]
+    fn a_replaced_or_withdrawn_entry_is_never_recalled() {
+        let cache = Cache::default();
+        let a = entry("AKIDAAAAAAAAAAAAAAAA", 1);
+        publish(&cache, Some(a.clone()));
+        cache.remember(&a);
+        let held = cache.recall_credentials(at(0)).expect("remembered");
+        // Replaced: the old credentials are still alive (held above), but
+        // the published number changed.
+        publish(&cache, Some(entry("AKIDBBBBBBBBBBBBBBBB", 1)));
+        assert!(cache.recall_credentials(at(0)).is_none());
+        assert!(cache.recall_sdk(at(0)).is_none());
+        // The same credentials with new timing are a new entry too.
+        publish(
+            &cache,
+            Some(Arc::new(a.with_timing(
+                a.timing,
+                &Windows {
+                    advisory: Some(Duration::from_secs(1800)),
+                    mandatory: Some(Duration::from_secs(60)),
+                    jitter: 1.0,
+                },
+            ))),
+        );
+        assert!(cache.recall_credentials(at(0)).is_none());
+        publish(&cache, None);
+        assert!(cache.recall_credentials(at(0)).is_none());
+        drop(held);
+    }
+
+    #[test]
+    fn caches_on_one_thread_recall_their_own_entries() {
+        let caches: Vec<Cache> = (0..REMEMBERED + 1).map(|_| Cache::default()).collect();
+        let entries: Vec<_> = (0..caches.len())
+            .map(|i| entry(&format!("AKID{i:016}"), 1))
+            .collect();
+        for (cache, entry) in caches.iter().zip(&entries) {
+            publish(cache, Some(entry.clone()));
+            cache.remember(entry);
+        }
+        for (i, cache) in caches.iter().enumerate() {
+            // More caches than slots: some share one and are recalled by
+            // neither or one, never the other's credentials.
+            if let Some(recalled) = cache.recall_credentials(at(0)) {
+                assert_eq!(recalled.access_key_id(), format!("AKID{i:016}"));
+            }
+        }
+        let last = caches.last().expect("caches");
+        assert_eq!(
+            last.recall_credentials(at(0))
+                .expect("the last remembered")
+                .access_key_id(),
+            format!("AKID{:016}", caches.len() - 1)
+        );
+    }
+
+    #[test]
+    fn an_idle_thread_does_not_keep_withdrawn_secrets_alive() {
+        let cache = Arc::new(Cache::default());
+        let a = entry("AKIDAAAAAAAAAAAAAAAA", shard_count());
+        publish(&cache, Some(a.clone()));
+        let weak_copies: Vec<WeakCredentials> =
+            a.shards.iter().map(|s| s.credentials.downgrade()).collect();
+        let weak_sdk: Vec<_> = a.shards.iter().map(|s| Arc::downgrade(&s.sdk)).collect();
+        drop(a);
+
+        let (served_tx, served_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let idle = std::thread::spawn({
+            let cache = cache.clone();
+            move || {
+                let entry = cache.get().expect("published");
+                cache.remember(&entry);
+                drop(entry);
+                let served = cache.recall_credentials(at(0)).is_some();
+                served_tx.send(served).expect("send");
+                // Idle, with its memory of the entry, until released.
+                release_rx.recv().expect("release");
+                cache.recall_credentials(at(0)).is_none()
+            }
+        });
+        assert!(served_rx.recv().expect("served"), "the thread recalled it");
+
+        publish(&cache, None);
+        assert!(
+            weak_copies.iter().all(|w| w.upgrade().is_none()),
+            "a withdrawn entry's credentials must be gone (secrets zeroized) \
+             while a thread that served them sits idle"
+        );
+        assert!(weak_sdk.iter().all(|w| w.upgrade().is_none()));
+
+        release_tx.send(()).expect("release");
+        assert!(
+            idle.join().expect("idle thread"),
+            "nothing recalled after withdrawal"
+        );
     }
 }
