@@ -27,7 +27,10 @@
 //!   refusal is counted in `/metrics`.
 //!
 //! Accepted connections are bounded in header size, header read time and
-//! lifetime, so memory stays bounded.
+//! lifetime, so memory stays bounded. Only a request already read whole can
+//! stretch its own connection's lifetime ([`ConnectionControl`]: a
+//! credential-socket long-poll, by its wait plus a margin), and a stopping
+//! server tells such requests to answer at once.
 //!
 //! What this does not do: a user who controls many uids (a range of
 //! subordinate uids mapped into a user namespace, say) gets a share per uid,

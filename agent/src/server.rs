@@ -1,5 +1,7 @@
 //! HTTP/1.1 over the credential socket: `GET /credentials`, `POST /refresh`
-//! (see [`crate::refresh`]) and `GET /healthz`. With a config file
+//! (see [`crate::refresh`]) and `GET /healthz`. `GET /credentials` answers
+//! with an `ETag` and, given `?wait=SECONDS&since=ETAG`, waits for a change
+//! ([`crate::long_poll`]). With a config file
 //! (`run --config`), `GET /credentials` answers each peer with its
 //! consumer's STS session, matched by `SO_PEERCRED` uid/gid
 //! ([`crate::broker::handout`]); `POST /refresh` still refreshes the
