@@ -16,6 +16,7 @@ mod hostile;
 mod hostile_files;
 mod hostile_flood;
 mod hostile_sockets;
+mod long_poll;
 mod macros;
 mod metrics_listener;
 mod mock_imds;

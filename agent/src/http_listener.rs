@@ -27,7 +27,10 @@
 //!   refusal is counted in `/metrics`.
 //!
 //! Accepted connections are bounded in header size, header read time and
-//! lifetime, so memory stays bounded.
+//! lifetime, so memory stays bounded. Only a request already read whole can
+//! stretch its own connection's lifetime ([`ConnectionControl`]: a
+//! credential-socket long-poll, by its wait plus a margin), and a stopping
+//! server tells such requests to answer at once.
 //!
 //! What this does not do: a user who controls many uids (a range of
 //! subordinate uids mapped into a user namespace, say) gets a share per uid,
@@ -43,12 +46,12 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
+use axum::{Extension, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 use crate::metrics::Metrics;
 
@@ -71,7 +74,9 @@ pub struct ServerLimits {
     pub max_connections_per_peer: usize,
     /// Time a client has to send its request headers.
     pub header_timeout: Duration,
-    /// The longest a connection may stay open.
+    /// The longest a connection may stay open. A credential-socket
+    /// long-poll (`GET /credentials?wait=SECONDS`) stretches its own
+    /// connection's to cover the wait, plus a margin to answer.
     pub connection_lifetime: Duration,
     /// Largest request head, in bytes.
     pub max_header_bytes: usize,
@@ -442,6 +447,36 @@ fn trusted(key: PeerKey) -> bool {
     matches!(key, PeerKey::Uid(uid) if uid == 0 || uid == rustix::process::geteuid().as_raw())
 }
 
+/// What a request handler may know of its connection, handed to it as an
+/// axum `Extension`: a long-poll stretches the connection's lifetime to
+/// cover its wait, and answers at once when the server stops.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectionControl {
+    deadline: Arc<watch::Sender<tokio::time::Instant>>,
+    stopping: watch::Receiver<bool>,
+}
+
+impl ConnectionControl {
+    /// Keeps the connection open until at least `until` (never shortens it).
+    /// Only a handler calls this, once a request has been read whole: the
+    /// header timeout still bounds slow or idle clients.
+    pub(crate) fn keep_open_until(&self, until: tokio::time::Instant) {
+        self.deadline.send_if_modified(|deadline| {
+            let later = until > *deadline;
+            if later {
+                *deadline = until;
+            }
+            later
+        });
+    }
+
+    /// Resolves once the server stops accepting (shutdown).
+    pub(crate) async fn stopping(&self) {
+        let mut stopping = self.stopping.clone();
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+    }
+}
+
 /// Serves HTTP/1.1 on `listener` within `limits` until `shutdown` resolves,
 /// then lets open connections finish (bounded) and returns. `admit` judges
 /// each accepted connection (a peer check, say) and picks its router;
@@ -456,6 +491,7 @@ pub(crate) async fn serve_limited<L: Accept>(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_peer = Arc::new(PeerCounts::default());
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let (stopping_tx, stopping_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut summary = tokio::time::interval_at(
         tokio::time::Instant::now() + REFUSAL_SUMMARY_INTERVAL,
@@ -514,29 +550,43 @@ pub(crate) async fn serve_limited<L: Accept>(
             lingering.refuse::<L>(stream, Refusal::GlobalLimit.response().as_bytes());
             continue;
         };
-        let service = TowerToHyperService::new(router);
+        let (deadline_tx, mut deadline) =
+            watch::channel(tokio::time::Instant::now() + limits.connection_lifetime);
+        let control = ConnectionControl {
+            deadline: Arc::new(deadline_tx),
+            stopping: stopping_rx.clone(),
+        };
+        let service = TowerToHyperService::new(router.layer(Extension(control.clone())));
         let mut stop = stop_tx.subscribe();
         let done = done_tx.clone();
         tokio::spawn(async move {
             let _slots = (permit, peer_slot);
             let _done = done;
+            // Held here too, so `deadline.changed()` never fails while the
+            // connection lives.
+            let _control = control;
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
                 .max_buf_size(limits.max_header_bytes.max(8192))
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
-            let lifetime = tokio::time::sleep(limits.connection_lifetime);
-            tokio::pin!(lifetime);
-            tokio::select! {
-                _ = connection.as_mut() => return,
-                _ = stop.recv() => {}
-                () = &mut lifetime => {}
+            loop {
+                let until = *deadline.borrow_and_update();
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    _ = stop.recv() => break,
+                    () = tokio::time::sleep_until(until) => break,
+                    // A long-poll stretched the lifetime.
+                    _ = deadline.changed() => {}
+                }
             }
             connection.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(2), connection).await;
         });
     }
+    // Waiting long-polls answer now; then every connection is shut gracefully.
+    stopping_tx.send_replace(true);
     refusals.summarise();
     for (_, stream) in lingering.queue.drain(..) {
         close::<L>(stream);

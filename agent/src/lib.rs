@@ -13,6 +13,7 @@ pub mod demo;
 pub mod doctor;
 pub mod format;
 mod http_listener;
+pub mod long_poll;
 pub mod metrics;
 pub mod metrics_listener;
 pub mod mock_imds;
