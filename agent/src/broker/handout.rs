@@ -16,7 +16,13 @@
 //! session tokens are never in it. With `--log-format json` each record is
 //! one JSON object a line, which journald stores as one entry; CloudTrail's
 //! `AssumeRole` event for the same session carries the session name
-//! `<consumer>@<instance-id>` and the same access key id.
+//! `<consumer>@<instance-id>` and the same access key id. Each write of a
+//! consumer's file is a record too, with the same target (see
+//! [`super::files`]).
+//!
+//! A refusal by the config (no consumer matches, or the peer's groups lead
+//! to two consumers, [`super::config`]) is also counted, by reason, in
+//! `imds_agent_consumer_refused_requests_total` ([`Consumers::render_metrics`]).
 
 use std::sync::Arc;
 
