@@ -43,13 +43,16 @@ pub fn read(socket: impl AsFd) -> io::Result<Vec<u32>> {
         let capacity = groups.len();
         let mut len = libc::socklen_t::try_from(capacity * size_of::<libc::gid_t>())
             .map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
-        #[allow(unsafe_code)]
-        // reason: rustix has no SO_PEERGROUPS; one getsockopt into a buffer we own
+        #[allow(
+            unsafe_code,
+            reason = "rustix has no SO_PEERGROUPS: one getsockopt into a buffer we own"
+        )]
         // SAFETY: `fd` is a descriptor borrowed from `socket` for the whole
         // call; `groups` is a live, initialised buffer of `capacity` gid_t,
         // i.e. exactly `len` bytes, and the kernel writes at most `len`
-        // bytes there (it returns ERANGE, writing only `len`, when the
-        // groups do not fit). `len` is a valid socklen_t the kernel updates.
+        // bytes there (when the groups do not fit it writes none, sets `len`
+        // to the size needed and fails with ERANGE). `len` is a valid,
+        // exclusively borrowed socklen_t the kernel updates.
         let rc = unsafe {
             libc::getsockopt(
                 fd,
