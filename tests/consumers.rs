@@ -13,6 +13,7 @@ use crate::util::{Running, Stranger, agent, metrics_socket_of, unix_get, wait_fo
 
 const BILLING_ACTION: &str = "s3:GetObject";
 const SHIPPER_ACTION: &str = "logs:PutLogEvents";
+const REPORTS_ACTION: &str = "athena:GetQueryResults";
 
 /// The emulators, the agent, and two consumers' users plus one unmatched.
 struct Host {
@@ -47,6 +48,12 @@ impl Host {
     /// `files`: give billing a `credentials_file` and shipper a `json_file`
     /// (their pollers then assume at start).
     async fn start(files: bool) -> Self {
+        Self::start_with(files, "").await
+    }
+
+    /// As [`Host::start`], with `more` (further `[[consumer]]` tables)
+    /// appended to the config.
+    async fn start_with(files: bool, more: &str) -> Self {
         let imds = MockImds::builder()
             .role("instance-role")
             .start()
@@ -78,6 +85,8 @@ session_policy = '{}'
 policy_arns = ["arn:aws:iam::aws:policy/CloudWatchLogsFullAccess"]
 duration_seconds = 1800
 {}
+
+{more}
 "#,
                 billing.uid,
                 policy(BILLING_ACTION),
@@ -156,8 +165,13 @@ duration_seconds = 1800
 /// thread of this root process that has become the user (credentials are
 /// per thread on Linux), so `SO_PEERCRED` reports the user's uid.
 fn get_as(host: &Host, user: Stranger) -> (u16, String) {
+    get_in(host, user, &[host.group])
+}
+
+/// As [`get_as`], with `groups` as the user's supplementary groups.
+fn get_in(host: &Host, user: Stranger, groups: &[u32]) -> (u16, String) {
     let socket = host.socket.clone();
-    as_user(user, host.group, move || {
+    as_user_in(user, groups.to_vec(), move || {
         unix_get(&socket, "/credentials").expect("a socket answer")
     })
 }
@@ -167,10 +181,19 @@ fn as_user<T: Send + 'static>(
     group: u32,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> T {
+    as_user_in(user, vec![group], f)
+}
+
+fn as_user_in<T: Send + 'static>(
+    user: Stranger,
+    groups: Vec<u32>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
     use rustix::fs::{Gid, Uid};
     std::thread::spawn(move || {
         let (uid, gid) = (Uid::from_raw(user.uid), Gid::from_raw(user.gid));
-        rustix::thread::set_thread_groups(&[Gid::from_raw(group)]).expect("setting groups");
+        let groups: Vec<Gid> = groups.into_iter().map(Gid::from_raw).collect();
+        rustix::thread::set_thread_groups(&groups).expect("setting groups");
         rustix::thread::set_thread_res_gid(gid, gid, gid).expect("setresgid");
         rustix::thread::set_thread_res_uid(uid, uid, uid).expect("setresuid");
         f()
@@ -381,7 +404,44 @@ async fn two_uids_get_their_own_consumers_sessions_and_an_unmatched_uid_gets_403
             .any(|r| r["fields"]["result"] == "denied" && r["fields"]["uid"] == host.nobody.uid),
         "a refusal is audited too: {audit:#?}"
     );
-    assert_eq!(audit.len(), 4, "one record per answer: {audit:#?}");
+    let socket_records = audit
+        .iter()
+        .filter(|r| r["fields"]["output"] == "socket")
+        .count();
+    assert_eq!(socket_records, 4, "one record per answer: {audit:#?}");
+    // One record per write of a consumer's file, with who it is for.
+    for (output, file, user, key) in [
+        (
+            "credentials_file",
+            &host.billing_file,
+            host.billing,
+            &billing_key,
+        ),
+        ("json_file", &host.shipper_file, host.shipper, &shipper_key),
+    ] {
+        let written: Vec<&serde_json::Value> = audit
+            .iter()
+            .filter(|r| r["fields"]["output"] == output)
+            .collect();
+        let [record] = written.as_slice() else {
+            panic!("expected one audit record for the {output} write, saw {written:#?}")
+        };
+        let f = &record["fields"];
+        assert!(
+            f["result"] == "written"
+                && f["path"] == file.display().to_string()
+                && f["owner_uid"] == user.uid
+                && f["access_key_id"] == key.as_str()
+                && f["role"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("instance-role"))
+                && f["expiration"].as_str().is_some_and(|e| e.ends_with('Z')),
+            "expected a `written` record of {} for uid {} with key {key}, saw {record:#}",
+            file.display(),
+            user.uid
+        );
+    }
+    assert_eq!(audit.len(), 6, "socket answers and file writes: {audit:#?}");
     let mut secrets = Vec::new();
     for doc in [&billing, &shipper] {
         let doc: serde_json::Value = serde_json::from_str(doc).unwrap();
@@ -399,6 +459,98 @@ async fn two_uids_get_their_own_consumers_sessions_and_an_unmatched_uid_gets_403
         );
     }
     drop(host.dir);
+}
+
+/// A consumer's `gids` match a peer's supplementary groups (read with
+/// `SO_PEERGROUPS` at connect), not only its primary group; a peer whose
+/// groups lead to two consumers is refused, audited and counted.
+#[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_supplementary_group_gets_its_consumer_and_groups_of_two_consumers_get_403() {
+    // Two groups of their own, each a consumer's; `member`'s primary group is neither.
+    let (reports, ops) = (Stranger::new().gid, Stranger::new().gid);
+    let more = format!(
+        "[[consumer]]\nname = \"reports\"\ngids = [{reports}]\nsession_policy = '{}'\n\n\
+         [[consumer]]\nname = \"ops\"\ngids = [{ops}]\n",
+        policy(REPORTS_ACTION)
+    );
+    let mut host = Host::start_with(false, &more).await;
+    let member = host.nobody;
+    assert!(member.gid != reports && member.gid != ops);
+
+    let (status, body) = get_in(&host, member, &[host.group, reports]);
+    assert_eq!(
+        status, 200,
+        "uid {} with supplementary group {reports} should get consumer reports, got {status}: {body}",
+        member.uid
+    );
+    let key = key_of(&body);
+    let calls = host.sts.assume_role_calls();
+    let call = calls
+        .iter()
+        .find(|c| c.outcome.as_ref().ok() == Some(&key))
+        .unwrap_or_else(|| panic!("the key {key} was not issued by STS: {calls:#?}"));
+    assert!(
+        call.role_session_name
+            .as_deref()
+            .is_some_and(|s| s.starts_with("reports@i-"))
+            && call
+                .policy
+                .as_deref()
+                .is_some_and(|p| p.contains(REPORTS_ACTION)),
+        "expected reports' session and policy, saw {call:?}"
+    );
+
+    // The same uid without the group: nothing.
+    let (status, body) = get_in(&host, member, &[host.group]);
+    assert_eq!(status, 403, "without group {reports}: {body}");
+    assert!(!body.contains("AccessKeyId"), "{body}");
+
+    // In both consumers' groups: refused, naming both, rather than one picked.
+    let (status, body) = get_in(&host, member, &[host.group, reports, ops]);
+    assert_eq!(status, 403, "in the groups of two consumers: {body}");
+    assert!(
+        body.contains("more than one consumer")
+            && body.contains(&format!("gid {reports} of consumer \\\"reports\\\""))
+            && body.contains(&format!("gid {ops} of consumer \\\"ops\\\"")),
+        "the refusal names each group and consumer: {body}"
+    );
+    assert!(!body.contains("AccessKeyId"), "{body}");
+
+    let metrics = metrics_socket_of(&host.socket);
+    let (_, text) = unix_get(&metrics, "/metrics").unwrap();
+    for (reason, count) in [("ambiguous_groups", 1), ("no_consumer", 1)] {
+        let line =
+            format!("imds_agent_consumer_refused_requests_total{{reason=\"{reason}\"}} {count}");
+        assert!(text.contains(&line), "expected {line} in /metrics:\n{text}");
+    }
+
+    let log = host.stop();
+    let audit: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["target"] == "imds_agent::audit" && r["fields"]["uid"] == member.uid)
+        .collect();
+    let results: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|r| {
+            (
+                r["fields"]["result"].as_str().unwrap_or(""),
+                r["fields"]["consumer"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [("served", "reports"), ("denied", ""), ("denied", "")],
+        "one audit record per answer: {audit:#?}"
+    );
+    assert!(
+        audit[2]["fields"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("more than one consumer")),
+        "{audit:#?}"
+    );
 }
 
 #[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]

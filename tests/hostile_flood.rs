@@ -1,5 +1,5 @@
 //! Connections cannot crowd out good clients (issue 11, row 5), and what
-//! `--allow-gid` matches (row 11c).
+//! `--allow-gid` matches (row 11c; supplementary groups too, issue 14).
 //!
 //! A throwaway local user (`util::Stranger`) floods the real agent: 1,200
 //! connections held open, and more opened all the time, as a uid the
@@ -485,12 +485,13 @@ async fn one_user_holding_1200_connections_cannot_take_the_slots_of_another() {
     assert_small_log(&log, flooding.uid);
 }
 
-/// `--allow-gid` matches the peer's primary group only (what `SO_PEERCRED`
-/// carries, fixed at connect time); a supplementary group reaches the socket
-/// through `--socket-group`, which the kernel checks with every group.
+/// `--allow-gid` matches the peer's primary group and its supplementary
+/// groups, as the kernel recorded them at connect (`SO_PEERCRED`,
+/// `SO_PEERGROUPS`); a peer in neither is refused though the socket's
+/// group lets it connect.
 #[tokio::test(flavor = "multi_thread")]
 #[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
-async fn allow_gid_matches_the_primary_group_only() {
+async fn allow_gid_matches_primary_and_supplementary_groups() {
     let help = crate::util::agent()
         .args(["run", "--help"])
         .output()
@@ -498,62 +499,60 @@ async fn allow_gid_matches_the_primary_group_only() {
     let help = String::from_utf8_lossy(&help.stdout).replace('\n', " ");
     let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(
-        help.contains("primary group only"),
-        "expected --allow-gid's help to say it matches the primary group only, got: {help}"
+        help.contains("Matches the primary group and supplementary groups"),
+        "expected --allow-gid's help to say it matches supplementary groups too, got: {help}"
     );
 
-    let group = Stranger::new().gid;
-    let primary = Stranger::new();
-    let supplementary = Stranger::new();
+    // Everyone may open the socket (its group); the allow-list names another group.
+    let socket_group = Stranger::new().gid;
+    let allowed = Stranger::new().gid;
+    let (primary, supplementary, outsider) = (Stranger::new(), Stranger::new(), Stranger::new());
     let imds = MockImds::builder().role("r").start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = flooder_binary(dir.path());
     let socket = dir.path().join("agent.sock");
     let target = format!("unix:{}", socket.display());
-    let start = |allow_gid: bool| {
-        let mut cmd = agent_against(&imds);
-        cmd.arg("--socket")
-            .arg(&socket)
-            .args(["--socket-mode", "0660", "--socket-group"])
-            .arg(group.to_string());
-        if allow_gid {
-            cmd.args(["--allow-uid", "0", "--allow-gid"])
-                .arg(group.to_string());
-        }
-        let running = Running::start(cmd);
-        crate::util::wait_for_served_credentials(&socket);
-        running
-    };
+    let mut cmd = agent_against(&imds);
+    cmd.arg("--socket")
+        .arg(&socket)
+        .args(["--socket-mode", "0660", "--socket-group"])
+        .arg(socket_group.to_string())
+        .args(["--allow-uid", "0", "--allow-gid"])
+        .arg(allowed.to_string());
+    let running = Running::start(cmd);
+    crate::util::wait_for_served_credentials(&socket);
 
-    let running = start(true);
     eqnice!(
         200,
-        status_of(flooder_as(&bin, primary.uid, group, &[], &target, 0))
-    );
-    // Its group lets it open the socket, but --allow-gid does not count it.
-    eqnice!(
-        403,
         status_of(flooder_as(
             &bin,
-            supplementary.uid,
-            supplementary.gid,
-            &[group],
+            primary.uid,
+            allowed,
+            &[socket_group],
             &target,
             0
         ))
     );
-    assert!(running.stop_with(Signal::TERM).success());
-
-    // Without an allow-list, the socket's group admits the supplementary member.
-    let running = start(false);
     eqnice!(
         200,
         status_of(flooder_as(
             &bin,
             supplementary.uid,
             supplementary.gid,
-            &[group],
+            &[socket_group, allowed],
+            &target,
+            0
+        ))
+    );
+    // Its group lets it open the socket, but it is in no allowed group.
+    eqnice!(
+        403,
+        status_of(flooder_as(
+            &bin,
+            outsider.uid,
+            outsider.gid,
+            &[socket_group],
             &target,
             0
         ))

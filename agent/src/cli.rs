@@ -236,12 +236,11 @@ pub struct RunArgs {
         value_name = "UID"
     )]
     pub allow_uid: Vec<u32>,
-    /// Only peers whose primary group is one of these gids may use the socket
-    /// (repeat or comma-separate; with --allow-uid, a peer matching either
-    /// list is allowed). Matches the primary group only (SO_PEERCRED's gid when
-    /// the peer connected), never supplementary groups: to admit a group's
-    /// members by any of their groups, give the socket that group instead
-    /// (--socket-group GID --socket-mode 0660), which the kernel checks.
+    /// Only peers in one of these groups may use the socket (repeat or
+    /// comma-separate; with --allow-uid, a peer matching either list is
+    /// allowed). Matches the primary group and supplementary groups, as the
+    /// kernel recorded them when the peer connected (SO_PEERCRED and
+    /// SO_PEERGROUPS; on Linux before 4.13 the primary group only).
     #[arg(
         long,
         env = "IMDS_AGENT_ALLOW_GID",

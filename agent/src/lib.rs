@@ -20,6 +20,7 @@ pub mod mock_imds;
 pub mod notify;
 pub mod on_change;
 pub mod outputs;
+pub mod peer_groups;
 pub mod refresh;
 pub mod run;
 pub mod server;

@@ -12,9 +12,9 @@
 //!
 //! Access is decided per connection: the socket file's mode and group first
 //! (the kernel, at `connect`, with every group of the peer), then an
-//! allow-list of peer uids and primary gids read with `SO_PEERCRED` when the
-//! connection is accepted. A refused peer gets a fixed 403, written without
-//! waiting, and its connection is shut at once: it never holds a connection
+//! allow-list of peer uids and gids (primary or supplementary) read with
+//! `SO_PEERCRED` and `SO_PEERGROUPS` when the connection is accepted. A
+//! refused peer gets a fixed 403, written without waiting, and its connection is shut at once: it never holds a connection
 //! slot, and the agent never waits for its request head. Its first refusal is logged with its uid, gid and
 //! pid, further ones are summarised (see `http_listener`). Connections are
 //! bounded in number (in all, and per uid), header size, header read time and
@@ -44,31 +44,27 @@ use crate::refresh::{Answer, Refresher};
 
 /// Who may use the socket beyond what its file mode allows.
 ///
-/// Matched against the peer's credentials as `SO_PEERCRED` gives them,
-/// fixed by the kernel when the peer connected: its effective uid and its
-/// **primary** (effective) gid. Supplementary groups are not matched: the
-/// kernel does not hand them over with the connection (`SO_PEERGROUPS` is
-/// not reachable without `unsafe` code), and reading them later from
-/// `/proc/PID/status` would trust a pid that may by then belong to another
-/// process (an attacker connects, passes the socket on and exits; its pid is
-/// reused by a process of an allowed group), besides being hidden from the
-/// agent by the unit's `ProtectProc=invisible`. To admit a group's members
-/// by any of their groups, give the socket that group (`--socket-group`,
-/// `--socket-mode 0660`): the kernel checks every group at `connect`.
+/// Matched against the peer's credentials as the kernel fixed them when the
+/// peer connected: its effective uid and primary gid (`SO_PEERCRED`) and its
+/// supplementary groups (`SO_PEERGROUPS`, [`crate::peer_groups`]; on a
+/// kernel before 4.13 the primary gid only). Never from `/proc/PID/status`,
+/// whose pid may by then belong to another process.
 #[derive(Debug, Clone, Default)]
 pub struct AccessPolicy {
     /// Allowed peer uids. Empty lists on both sides: anyone who can open the socket.
     pub uids: Vec<u32>,
-    /// Allowed peer primary gids (see the type's docs).
+    /// Allowed peer gids, primary or supplementary (see the type's docs).
     pub gids: Vec<u32>,
 }
 
 impl AccessPolicy {
-    /// Whether a peer with effective `uid` and primary `gid` may use the socket.
-    fn allows(&self, uid: u32, gid: u32) -> bool {
+    /// Whether a peer with effective `uid`, primary `gid` and supplementary
+    /// `groups` may use the socket.
+    fn allows(&self, uid: u32, gid: u32, groups: &[u32]) -> bool {
         (self.uids.is_empty() && self.gids.is_empty())
             || self.uids.contains(&uid)
             || self.gids.contains(&gid)
+            || groups.iter().any(|g| self.gids.contains(g))
     }
 }
 
@@ -438,7 +434,11 @@ async fn refresh(State(app): State<App>, peer: Option<Extension<PeerId>>) -> Res
     let consumer = match (&app.consumers, peer) {
         (Some(consumers), Some(Extension(peer))) => {
             let state = app.state.borrow().clone();
-            if let Match::Denied = consumers.config.consumer_for(peer.uid, peer.gid) {
+            if let Match::Denied | Match::Ambiguous(_) =
+                consumers
+                    .config
+                    .consumer_for(peer.uid, peer.gid, &peer.groups)
+            {
                 return for_consumer(consumers, &peer, &state, &app.clock).await;
             }
             Some((consumers, peer))
@@ -541,10 +541,12 @@ pub async fn serve(
                 pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
                 addr: None,
             };
-            if policy.allows(cred.uid(), cred.gid()) {
+            let groups = crate::peer_groups::read_or_none(stream).unwrap_or_default();
+            if policy.allows(cred.uid(), cred.gid(), &groups) {
                 let id = PeerId {
                     uid: cred.uid(),
                     gid: cred.gid(),
+                    groups: groups.into(),
                     pid: peer.pid,
                 };
                 Admission::Serve(peer, app.clone().layer(Extension(id)))

@@ -292,6 +292,8 @@ impl<A: AssumeRole> BrokerBuilder<A> {
                 jitter,
                 rng: Mutex::new(rng),
                 generation: AtomicU64::new(0),
+                refused_no_consumer: AtomicU64::new(0),
+                refused_ambiguous: AtomicU64::new(0),
             }),
         }
     }
@@ -306,6 +308,10 @@ struct Inner<A> {
     rng: Mutex<fastrand::Rng>,
     /// Bumped by every withdrawal, so a load that started before one is dropped.
     generation: AtomicU64,
+    /// Peers refused for matching no consumer, or the consumers of two or
+    /// more of their groups ([`Broker::count_refusal`]).
+    refused_no_consumer: AtomicU64,
+    refused_ambiguous: AtomicU64,
 }
 
 struct Slot {
@@ -541,6 +547,25 @@ impl<A: AssumeRole> Broker<A> {
             .and_then(|at| at.duration_since(now).ok())
             .unwrap_or_default()
             .max(MIN_POLL_INTERVAL)
+    }
+
+    /// Counts a peer refused by the config: `ambiguous` when its groups
+    /// lead to two or more consumers, else for matching no consumer.
+    pub fn count_refusal(&self, ambiguous: bool) {
+        let counter = if ambiguous {
+            &self.inner.refused_ambiguous
+        } else {
+            &self.inner.refused_no_consumer
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Peers refused so far: (matching no consumer, ambiguous groups).
+    pub fn refusals(&self) -> (u64, u64) {
+        (
+            self.inner.refused_no_consumer.load(Ordering::Relaxed),
+            self.inner.refused_ambiguous.load(Ordering::Relaxed),
+        )
     }
 
     /// What `/healthz` and `/metrics` may show of every consumer: names,

@@ -6,7 +6,7 @@
 //! [[consumer]]
 //! name = "billing"                      # [A-Za-z0-9_.@-]{1,32}; used in the session name
 //! uids = [1001]                         # Unix-socket peers (SO_PEERCRED) of this consumer
-//! gids = []                             # ... or peers whose primary group is one of these
+//! gids = []                             # ... or peers with one of these groups (primary or supplementary)
 //! role_arn = "arn:aws:iam::123456789012:role/billing"   # default: the instance role itself
 //! session_policy_file = "/etc/imds-agent/billing.json"  # or session_policy = '''{...}'''
 //! policy_arns = ["arn:aws:iam::aws:policy/AmazonS3ReadOnlyAccess"]
@@ -46,11 +46,25 @@
 //! # Matching a peer to a consumer
 //!
 //! [`Config::consumer_for`] looks at the peer's uid first, then at its
-//! primary gid. `SO_PEERCRED` reports only the primary group of the peer
-//! process (as the agent's `--allow-gid` does, supplementary groups are not
-//! considered): a gid in `gids` matches processes whose primary group it is.
+//! primary gid, then at its supplementary groups, all as the kernel captured
+//! them when the peer connected (`SO_PEERCRED` and `SO_PEERGROUPS`, see
+//! [`crate::peer_groups`]; never `/proc`, whose pid may by then be another
+//! process's). The first rule that matches decides:
+//!
+//! 1. a consumer listing the peer's uid;
+//! 2. else a consumer listing its primary gid;
+//! 3. else a consumer listing one of its supplementary groups, if they all
+//!    lead to that one consumer. If they lead to **two or more** consumers the
+//!    peer is refused ([`Match::Ambiguous`], HTTP 403 naming the groups and
+//!    consumers), even with `unmatched = "instance-role"`: picking one would
+//!    make a peer's permissions depend on the order of the file, and the
+//!    whole role is more than either consumer was meant to get. The fix is
+//!    to list the peer's uid (rule 1) or to take it out of one group.
+//!
 //! A peer that matches nothing gets [`Match::Denied`], unless
-//! `unmatched = "instance-role"` gives it [`Match::InstanceRole`].
+//! `unmatched = "instance-role"` gives it [`Match::InstanceRole`]. On a
+//! kernel without `SO_PEERGROUPS` (before Linux 4.13) supplementary groups
+//! are unknown, and rule 3 never matches.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -111,8 +125,9 @@ pub struct Consumer {
     pub name: String,
     /// Peers with these uids are this consumer.
     pub uids: Vec<u32>,
-    /// Peers with one of these primary gids are this consumer (when no
-    /// consumer claims their uid).
+    /// Peers with one of these gids as their primary or a supplementary
+    /// group are this consumer (when no consumer claims their uid; see the
+    /// module docs for the order).
     pub gids: Vec<u32>,
     /// The role to assume; `None`: the instance role itself (with the
     /// session policies narrowing it).
@@ -137,7 +152,7 @@ pub struct Consumer {
 }
 
 /// Who a peer is, according to the config ([`Config::consumer_for`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Match<'a> {
     /// This consumer's credentials.
     Consumer(&'a Consumer),
@@ -145,6 +160,10 @@ pub enum Match<'a> {
     InstanceRole,
     /// No consumer, and `unmatched = "deny"`: nothing (HTTP 403).
     Denied,
+    /// No consumer by uid or primary gid, and the peer's supplementary
+    /// groups lead to more than one consumer: nothing (HTTP 403), whatever
+    /// `unmatched` says. Each `(gid, consumer)` pair, by gid.
+    Ambiguous(Vec<(u32, &'a str)>),
 }
 
 /// A validated config.
@@ -241,15 +260,40 @@ impl Config {
         })
     }
 
-    /// Who the peer with this uid and **primary** gid (as `SO_PEERCRED`
-    /// reports them) is: the consumer listing the uid, else the consumer
-    /// listing the gid, else what `unmatched` says.
-    pub fn consumer_for(&self, uid: u32, gid: u32) -> Match<'_> {
-        let index = self
+    /// Who the peer with this uid, primary gid (`SO_PEERCRED`) and
+    /// supplementary `groups` (`SO_PEERGROUPS`; empty when unknown) is: the
+    /// consumer listing the uid, else the consumer listing the primary gid,
+    /// else the one consumer the supplementary groups lead to
+    /// ([`Match::Ambiguous`] if they lead to several), else what
+    /// `unmatched` says (module docs).
+    pub fn consumer_for(&self, uid: u32, gid: u32, groups: &[u32]) -> Match<'_> {
+        let mut index = self
             .by_uid
             .get(&uid)
             .or_else(|| self.by_gid.get(&gid))
             .copied();
+        if index.is_none() {
+            let mut found: Vec<(u32, usize)> = groups
+                .iter()
+                .filter_map(|g| Some((*g, *self.by_gid.get(g)?)))
+                .collect();
+            found.sort_unstable();
+            found.dedup();
+            match found.as_slice() {
+                [] => {}
+                [(_, only), rest @ ..] if rest.iter().all(|(_, i)| i == only) => {
+                    index = Some(*only);
+                }
+                _ => {
+                    return Match::Ambiguous(
+                        found
+                            .into_iter()
+                            .map(|(g, i)| (g, self.consumers[i].name.as_str()))
+                            .collect(),
+                    );
+                }
+            }
+        }
         match (index, self.unmatched) {
             (Some(i), _) => Match::Consumer(&self.consumers[i]),
             (None, Unmatched::InstanceRole) => Match::InstanceRole,
@@ -1100,7 +1144,7 @@ container_token_file = "/run/imds-agent/tokens/web"
     }
 
     #[test]
-    fn peers_match_by_uid_first_then_primary_gid_else_unmatched() {
+    fn peers_match_by_uid_first_then_gid_else_unmatched() {
         let text = r#"
 [[consumer]]
 name = "billing"
@@ -1114,31 +1158,83 @@ gids = [2000]
             Match::Consumer(c) => c.name.clone(),
             other => format!("{other:?}"),
         };
-        assert_eq!(name(config.consumer_for(1001, 100)), "billing");
+        assert_eq!(name(config.consumer_for(1001, 100, &[])), "billing");
         assert_eq!(
-            name(config.consumer_for(1001, 2000)),
+            name(config.consumer_for(1001, 2000, &[])),
             "billing",
             "the uid wins over the gid"
         );
-        assert_eq!(name(config.consumer_for(1500, 2000)), "shipper");
+        assert_eq!(name(config.consumer_for(1500, 2000, &[])), "shipper");
         assert_eq!(
-            config.consumer_for(1500, 100),
+            config.consumer_for(1500, 100, &[]),
             Match::Denied,
             "with a config file, unmatched defaults to deny"
         );
 
         let open = format!("unmatched = \"instance-role\"\n{text}");
         let config = Config::parse(&open, Path::new(FILE)).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(config.consumer_for(1500, 100), Match::InstanceRole);
-        assert_eq!(name(config.consumer_for(1001, 100)), "billing");
+        assert_eq!(config.consumer_for(1500, 100, &[]), Match::InstanceRole);
+        assert_eq!(name(config.consumer_for(1001, 100, &[])), "billing");
 
         let none = Config::without_file();
         assert_eq!(
-            none.consumer_for(0, 0),
+            none.consumer_for(0, 0, &[]),
             Match::InstanceRole,
             "today's behaviour"
         );
         assert!(none.consumers().is_empty() && none.path().is_none());
+    }
+
+    #[test]
+    fn supplementary_groups_match_after_uid_and_primary_gid_and_never_two_consumers() {
+        let text = r#"
+[[consumer]]
+name = "billing"
+uids = [1001]
+gids = [3000]
+[[consumer]]
+name = "shipper"
+gids = [2000, 2001]
+"#;
+        let config = Config::parse(text, Path::new(FILE)).unwrap_or_else(|e| panic!("{e}"));
+        let name = |m: Match<'_>| match m {
+            Match::Consumer(c) => c.name.clone(),
+            other => format!("{other:?}"),
+        };
+        // A supplementary group is enough; two groups of one consumer are one match.
+        assert_eq!(name(config.consumer_for(1500, 100, &[2000])), "shipper");
+        assert_eq!(
+            name(config.consumer_for(1500, 100, &[7, 2000, 2001])),
+            "shipper"
+        );
+        // Groups of two consumers: refused, naming each group and consumer.
+        assert_eq!(
+            config.consumer_for(1500, 100, &[3000, 2001, 9]),
+            Match::Ambiguous(vec![(2001, "shipper"), (3000, "billing")])
+        );
+        // The uid, then the primary gid, decide before supplementary groups.
+        assert_eq!(
+            name(config.consumer_for(1001, 100, &[2000, 3000])),
+            "billing"
+        );
+        assert_eq!(
+            name(config.consumer_for(1500, 2000, &[2000, 3000])),
+            "shipper",
+            "the primary gid wins over supplementary groups"
+        );
+        // Unknown groups (an old kernel) or unlisted ones: unmatched.
+        assert_eq!(config.consumer_for(1500, 100, &[4000]), Match::Denied);
+        // Ambiguity is refused even where unmatched peers get the whole role.
+        let open = format!("unmatched = \"instance-role\"\n{text}");
+        let config = Config::parse(&open, Path::new(FILE)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.consumer_for(1500, 100, &[4000]), Match::InstanceRole);
+        assert!(
+            matches!(
+                config.consumer_for(1500, 100, &[2000, 3000]),
+                Match::Ambiguous(_)
+            ),
+            "two consumers' groups never fall back to the instance role"
+        );
     }
 
     #[test]
@@ -1440,6 +1536,6 @@ gids = [2000]
         std::fs::write(&path, "[[consumer]]\nname = \"a\"\nuids = [5]\n").expect("write");
         let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config.path(), Some(path.as_path()));
-        assert!(matches!(config.consumer_for(5, 5), Match::Consumer(c) if c.name == "a"));
+        assert!(matches!(config.consumer_for(5, 5, &[]), Match::Consumer(c) if c.name == "a"));
     }
 }

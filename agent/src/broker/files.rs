@@ -8,15 +8,28 @@
 //! agent, group its first gid, mode 0640. A detach of the instance role
 //! withdraws them, as it does the instance-role files.
 //!
+//! # Audit
+//!
+//! Every write of a consumer's session into one of its files is one audit
+//! record (target `imds_agent::audit`, as for the socket's hand-outs, see
+//! [`super::handout`]): `consumer`, `output` (`credentials_file` or
+//! `json_file`), `path`, `owner_uid` (who the file is for: the consumer's
+//! first uid, or the agent's own uid for a consumer matched by gids only),
+//! `role`, `access_key_id`, `expiration` and `result`: `written`, or
+//! `failed` with a `reason` (a failed write is retried, and each try is a
+//! record). Never a secret key or session token. A withdrawal (the
+//! instance role was detached) hands nothing out and is not a record.
+//!
 //! One task per consumer with files polls the broker
 //! ([`Broker::poll`](super::cache::Broker::poll)): at the start of the
 //! session's advisory window, after a failure's backoff, and at every change
 //! of the instance provider's state.
 
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use imds_client::{ProviderState, SharedTimeSource};
+use imds_client::{ProviderState, RoleCredentials, SharedTimeSource};
 use tokio::sync::watch;
 
 use super::cache::BrokerError;
@@ -49,18 +62,39 @@ pub fn file_options(consumer: &Consumer) -> FileOptions {
 
 /// The sinks of `consumer`'s files, prepared (directories checked, stale
 /// temp files removed): an error stops the agent at start, naming the file.
+/// Each write is audited (module docs).
 pub fn sinks(consumer: &Consumer) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
     let options = file_options(consumer);
+    let owner_uid = options
+        .owner
+        .unwrap_or_else(|| rustix::process::geteuid().as_raw());
+    let audited = |output, path: &PathBuf, inner: Arc<dyn Sink>| -> Arc<dyn Sink> {
+        Arc::new(Audited {
+            inner,
+            consumer: consumer.name.clone(),
+            output,
+            path: path.clone(),
+            owner_uid,
+        })
+    };
     let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
     if let Some(path) = &consumer.credentials_file {
-        sinks.push(Arc::new(CredentialsFileSink::new(
-            path.clone(),
-            "default".into(),
-            options,
-        )?));
+        sinks.push(audited(
+            "credentials_file",
+            path,
+            Arc::new(CredentialsFileSink::new(
+                path.clone(),
+                "default".into(),
+                options,
+            )?),
+        ));
     }
     if let Some(path) = &consumer.json_file {
-        sinks.push(Arc::new(JsonFileSink::new(path.clone(), options)?));
+        sinks.push(audited(
+            "json_file",
+            path,
+            Arc::new(JsonFileSink::new(path.clone(), options)?),
+        ));
     }
     let started = SharedTimeSource::default().now();
     for sink in &sinks {
@@ -68,6 +102,68 @@ pub fn sinks(consumer: &Consumer) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
             .map_err(|e| anyhow::anyhow!("consumer {:?}: {e:#}", consumer.name))?;
     }
     Ok(sinks)
+}
+
+/// A consumer's file, each write of which is one audit record (module docs).
+#[derive(Debug)]
+struct Audited {
+    inner: Arc<dyn Sink>,
+    consumer: String,
+    /// The config key: `credentials_file` or `json_file`.
+    output: &'static str,
+    path: PathBuf,
+    owner_uid: u32,
+}
+
+impl Sink for Audited {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn prepare(&self, started: SystemTime) -> anyhow::Result<()> {
+        self.inner.prepare(started)
+    }
+
+    fn publish(&self, current: &RoleCredentials) -> anyhow::Result<()> {
+        let result = self.inner.publish(current);
+        let path = self.path.display();
+        let key = current.credentials.access_key_id();
+        let expiration = current.credentials.expiration_rfc3339();
+        match &result {
+            Ok(()) => tracing::info!(
+                target: "imds_agent::audit",
+                audit = true,
+                consumer = %self.consumer,
+                output = self.output,
+                %path,
+                owner_uid = self.owner_uid,
+                role = %current.role,
+                access_key_id = %key,
+                expiration = %expiration,
+                result = "written",
+                "credentials written to a consumer's file"
+            ),
+            Err(e) => tracing::warn!(
+                target: "imds_agent::audit",
+                audit = true,
+                consumer = %self.consumer,
+                output = self.output,
+                %path,
+                owner_uid = self.owner_uid,
+                role = %current.role,
+                access_key_id = %key,
+                expiration = %expiration,
+                result = "failed",
+                reason = format!("{e:#}"),
+                "credentials not written to a consumer's file"
+            ),
+        }
+        result
+    }
+
+    fn withdraw(&self) -> anyhow::Result<()> {
+        self.inner.withdraw()
+    }
 }
 
 /// One task per consumer with files, each a [`Server`] of the daemon.
@@ -145,4 +241,118 @@ async fn keep_current(
         }
     }
     outputs.stop(STOP_GRACE).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imds_client::Credentials;
+
+    fn consumer(dir: &std::path::Path) -> Consumer {
+        Consumer {
+            name: "billing".into(),
+            uids: vec![],
+            gids: vec![],
+            role_arn: None,
+            session_policy: None,
+            policy_arns: vec![],
+            duration: Duration::from_secs(900),
+            credentials_file: Some(dir.join("credentials")),
+            json_file: Some(dir.join("billing.json")),
+            container_token_file: None,
+            source_identity: false,
+            session_tags: false,
+        }
+    }
+
+    fn session() -> RoleCredentials {
+        RoleCredentials {
+            role: "billing-role".into(),
+            credentials: Arc::new(Credentials::new(
+                "ASIAWRITTEN000001",
+                "secret-key-never-logged-0000000000000000",
+                "session-token-never-logged",
+                SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000),
+            )),
+        }
+    }
+
+    /// Every write of a consumer's file is one audit record with the
+    /// consumer, the file, its owner, the role, the key id and expiry; a
+    /// failed write is one too, with the reason. No secret in either.
+    #[test]
+    #[tracing_test::traced_test]
+    fn each_write_of_a_consumer_s_file_is_one_audit_record() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let consumer = consumer(dir.path());
+        let sinks = sinks(&consumer).expect("the consumer's sinks");
+        assert_eq!(sinks.len(), 2);
+        let current = session();
+        for sink in &sinks {
+            sink.publish(&current).expect("written");
+        }
+        let json = std::fs::read_to_string(dir.path().join("billing.json")).expect("json file");
+        assert!(json.contains("ASIAWRITTEN000001"), "{json}");
+        let me = rustix::process::geteuid().as_raw();
+        for (output, file) in [
+            ("credentials_file", "credentials"),
+            ("json_file", "billing.json"),
+        ] {
+            let path = dir.path().join(file);
+            let wanted = [
+                "imds_agent::audit".to_owned(),
+                "audit=true".to_owned(),
+                "consumer=billing".to_owned(),
+                format!("output=\"{output}\""),
+                format!("path={}", path.display()),
+                format!("owner_uid={me}"),
+                "role=billing-role".to_owned(),
+                "access_key_id=ASIAWRITTEN000001".to_owned(),
+                "expiration=2030-03-17T17:46:40Z".to_owned(),
+                "result=\"written\"".to_owned(),
+            ];
+            logs_assert(|lines| {
+                let n = lines
+                    .iter()
+                    .filter(|l| wanted.iter().all(|w| l.contains(w.as_str())))
+                    .count();
+                if n == 1 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "expected one audit record with {wanted:?}, found {n} in {lines:#?}"
+                    ))
+                }
+            });
+        }
+
+        // A directory where the file should be: the write fails, and that
+        // is a record too.
+        let json = dir.path().join("billing.json");
+        std::fs::remove_file(&json).expect("removing the json file");
+        std::fs::create_dir(&json).expect("a directory in its place");
+        assert!(
+            sinks[1].publish(&current).is_err(),
+            "expected the write over a directory to fail"
+        );
+        logs_assert(|lines| {
+            let failed: Vec<&&str> = lines
+                .iter()
+                .filter(|l| l.contains("imds_agent::audit") && l.contains("result=\"failed\""))
+                .collect();
+            match failed.as_slice() {
+                [line]
+                    if line.contains("output=\"json_file\"")
+                        && line.contains("access_key_id=ASIAWRITTEN000001")
+                        && line.contains("reason=") =>
+                {
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "expected one failed record for the json file with a reason, saw {failed:#?}"
+                )),
+            }
+        });
+        assert!(!logs_contain("never-logged"), "a secret in the audit log");
+    }
 }

@@ -16,7 +16,13 @@
 //! session tokens are never in it. With `--log-format json` each record is
 //! one JSON object a line, which journald stores as one entry; CloudTrail's
 //! `AssumeRole` event for the same session carries the session name
-//! `<consumer>@<instance-id>` and the same access key id.
+//! `<consumer>@<instance-id>` and the same access key id. Each write of a
+//! consumer's file is a record too, with the same target (see
+//! [`super::files`]).
+//!
+//! A refusal by the config (no consumer matches, or the peer's groups lead
+//! to two consumers, [`super::config`]) is also counted, by reason, in
+//! `imds_agent_consumer_refused_requests_total` ([`Consumers::render_metrics`]).
 
 use std::sync::Arc;
 
@@ -40,12 +46,15 @@ pub struct Consumers {
 }
 
 /// Who asks, as the kernel reported it at connect time.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PeerId {
     /// Effective uid (`SO_PEERCRED`).
     pub uid: u32,
     /// Primary gid (`SO_PEERCRED`).
     pub gid: u32,
+    /// Supplementary groups (`SO_PEERGROUPS`, [`crate::peer_groups`]);
+    /// empty when the kernel could not say (before Linux 4.13).
+    pub groups: Arc<[u32]>,
     /// Pid at connect time, when known.
     pub pid: Option<u32>,
 }
@@ -70,21 +79,44 @@ pub enum Answer {
 impl Consumers {
     /// What `peer` gets, given the instance provider's `state` now.
     pub async fn answer(&self, peer: &PeerId, state: &ProviderState) -> Answer {
-        match self.config.consumer_for(peer.uid, peer.gid) {
+        let file = || {
+            self.config
+                .path()
+                .map_or_else(|| "the config".to_owned(), |p| p.display().to_string())
+        };
+        match self.config.consumer_for(peer.uid, peer.gid, &peer.groups) {
             Match::Consumer(consumer) => Answer::Consumer {
                 name: consumer.name.clone(),
                 result: self.broker.credentials(&consumer.name, state).await,
             },
             Match::InstanceRole => Answer::InstanceRole,
-            Match::Denied => Answer::Denied(format!(
-                "uid {} (primary gid {}) matches no consumer in {} and unmatched = \"deny\": \
-                 add the uid or gid to a consumer's uids/gids, or set unmatched = \"instance-role\"",
-                peer.uid,
-                peer.gid,
-                self.config
-                    .path()
-                    .map_or_else(|| "the config".to_owned(), |p| p.display().to_string()),
-            )),
+            Match::Denied => {
+                self.broker.count_refusal(false);
+                Answer::Denied(format!(
+                    "uid {} (primary gid {}, groups {:?}) matches no consumer in {} and unmatched = \"deny\": \
+                     add the uid or a gid to a consumer's uids/gids, or set unmatched = \"instance-role\"",
+                    peer.uid,
+                    peer.gid,
+                    &peer.groups[..],
+                    file(),
+                ))
+            }
+            Match::Ambiguous(pairs) => {
+                self.broker.count_refusal(true);
+                let pairs: Vec<String> = pairs
+                    .iter()
+                    .map(|(gid, name)| format!("gid {gid} of consumer \"{name}\""))
+                    .collect();
+                Answer::Denied(format!(
+                    "uid {} (primary gid {}) is in the groups of more than one consumer in {} ({}): \
+                     refused rather than picking one; list the uid in one consumer's uids, \
+                     or take the user out of all but one of these groups",
+                    peer.uid,
+                    peer.gid,
+                    file(),
+                    pairs.join(", "),
+                ))
+            }
         }
     }
 }
@@ -229,7 +261,11 @@ impl Consumers {
     /// Per-consumer gauges in the Prometheus text format, appended to
     /// `/metrics`: `imds_agent_consumer_session_valid{consumer}` (1 while
     /// it holds a valid session) and
-    /// `imds_agent_consumer_session_expiry_seconds{consumer}` (0 without one).
+    /// `imds_agent_consumer_session_expiry_seconds{consumer}` (0 without one),
+    /// and `imds_agent_consumer_refused_requests_total{reason}`: socket
+    /// requests refused because the peer matches no consumer
+    /// (`no_consumer`) or because its groups lead to two or more consumers
+    /// (`ambiguous_groups`).
     pub fn render_metrics(&self, now: std::time::SystemTime) -> String {
         let mut status = self.broker.status();
         status.sort_by(|a, b| a.name.cmp(&b.name));
@@ -263,6 +299,102 @@ impl Consumers {
                 left.unwrap_or(0)
             ));
         }
+        let (no_consumer, ambiguous) = self.broker.refusals();
+        out.push_str(&format!(
+            "# HELP imds_agent_consumer_refused_requests_total Socket requests refused by the config: the peer matches no consumer (no_consumer), or its groups lead to two or more consumers (ambiguous_groups).\n\
+             # TYPE imds_agent_consumer_refused_requests_total counter\n\
+             imds_agent_consumer_refused_requests_total{{reason=\"no_consumer\"}} {no_consumer}\n\
+             imds_agent_consumer_refused_requests_total{{reason=\"ambiguous_groups\"}} {ambiguous}\n"
+        ));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use imds_client::ImdsClient;
+    use imds_client::config::Env;
+
+    use super::*;
+    use crate::broker::assumer::StsAssumer;
+    use crate::broker::cache::Broker;
+    use crate::broker::sts::StsClient;
+
+    /// Consumers whose STS is never reached (a refusal asks nothing).
+    fn consumers(text: &str) -> Consumers {
+        let config = Config::parse(text, Path::new("/etc/imds-agent/agent.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let imds = ImdsClient::builder()
+            .endpoint("http://127.0.0.1:9")
+            .unwrap()
+            .build()
+            .unwrap();
+        let assumer = StsAssumer::new(imds, || {
+            StsClient::builder().env(Env::from_pairs([(
+                "AWS_ENDPOINT_URL_STS",
+                "http://127.0.0.1:9".to_owned(),
+            )]))
+        })
+        .unwrap();
+        let broker = Broker::builder(assumer).config(&config).build();
+        Consumers {
+            config: Arc::new(config),
+            broker,
+        }
+    }
+
+    fn peer(uid: u32, gid: u32, groups: &[u32]) -> PeerId {
+        PeerId {
+            uid,
+            gid,
+            groups: groups.into(),
+            pid: None,
+        }
+    }
+
+    fn refused(render: &str, reason: &str) -> u64 {
+        let prefix = format!("imds_agent_consumer_refused_requests_total{{reason=\"{reason}\"}} ");
+        render
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} line in:\n{render}"))
+    }
+
+    /// A peer whose supplementary groups lead to two consumers is refused
+    /// with a reason naming the groups, the consumers and the fix, and the
+    /// refusal is counted apart from peers that match no consumer.
+    #[tokio::test]
+    async fn groups_of_two_consumers_are_refused_named_and_counted() {
+        let consumers = consumers(
+            "[[consumer]]\nname = \"billing\"\ngids = [3000]\n\n\
+             [[consumer]]\nname = \"shipper\"\ngids = [2000]\n",
+        );
+        let state = ProviderState::Starting;
+        let answer = consumers
+            .answer(&peer(1500, 100, &[2000, 3000]), &state)
+            .await;
+        let Answer::Denied(reason) = answer else {
+            panic!("expected a refusal, got {answer:?}")
+        };
+        assert_eq!(
+            reason,
+            "uid 1500 (primary gid 100) is in the groups of more than one consumer in \
+             /etc/imds-agent/agent.toml (gid 2000 of consumer \"shipper\", gid 3000 of consumer \"billing\"): \
+             refused rather than picking one; list the uid in one consumer's uids, \
+             or take the user out of all but one of these groups"
+        );
+        let answer = consumers.answer(&peer(1500, 100, &[7]), &state).await;
+        let Answer::Denied(reason) = answer else {
+            panic!("expected a refusal, got {answer:?}")
+        };
+        assert!(
+            reason.starts_with("uid 1500 (primary gid 100, groups [7]) matches no consumer"),
+            "{reason}"
+        );
+        let render = consumers.render_metrics(std::time::SystemTime::UNIX_EPOCH);
+        assert_eq!(refused(&render, "ambiguous_groups"), 1, "{render}");
+        assert_eq!(refused(&render, "no_consumer"), 1, "{render}");
     }
 }
