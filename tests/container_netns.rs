@@ -487,6 +487,22 @@ fn containers_reach_the_endpoint_and_not_imds_through_the_lock_down() {
             stranger.uid
         );
     }
+    // A process on the host reaches the link too, with the token only.
+    for (endpoint, token) in endpoints().into_iter().zip(&tokens) {
+        let token = token.clone();
+        let (with, without) = topology.host.within(Some(stranger), move || {
+            (
+                get_credentials(endpoint, Some(&token)).map(|(s, _)| s),
+                get_credentials(endpoint, None).map(|(s, _)| s),
+            )
+        });
+        assert!(
+            matches!((&with, &without), (Ok(200), Ok(400))),
+            "expected uid {} on the host to get 200 from {endpoint} with the token and 400 \
+             without; got {with:?} and {without:?}",
+            stranger.uid
+        );
+    }
     // A neighbour on the uplink is neither a local process nor behind a
     // bridge: the agent refuses it at accept, even without the rule.
     for (endpoint, token) in endpoints().into_iter().zip(&tokens) {
@@ -644,9 +660,21 @@ fn containers_reach_the_endpoint_and_not_imds_through_the_lock_down() {
     for agent in agents {
         assert!(agent.stop_with(rustix::process::Signal::TERM).success());
     }
-    for (log, token) in logs.iter().zip(&tokens) {
+    // Per-peer keys, as the refusal log names them: the host process by its
+    // uid (sock_diag), the container by its address (it has no local uid).
+    for ((log, token), container_ip) in logs.iter().zip(&tokens).zip(["10.200.0.2", "fd00:200::2"])
+    {
         let log = std::fs::read_to_string(log).unwrap();
         assert!(!log.contains(token.as_str()), "a token reached the log");
+        for key in [
+            format!("further refusals of uid {}", stranger.uid),
+            format!("further refusals of address {container_ip}"),
+        ] {
+            assert!(
+                log.contains(&key),
+                "expected {key:?} in the agent's log:\n{log}"
+            );
+        }
     }
     drop(emulator);
     drop(topology);
