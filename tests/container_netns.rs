@@ -201,7 +201,7 @@ impl Topology {
             host: Netns::new("h"),
             container: Netns::new("c"),
         };
-        let (imds, host, container) = (&t.imds.0, &t.host.0, &t.container.0);
+        let (imds, container) = (&t.imds.0, &t.container.0);
         // The instance's uplink, with IMDS at its far end.
         t.host.ip(&[
             "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", imds,
@@ -278,7 +278,6 @@ table ip6 docker_nat {
             "via",
             "fd00:ec2::1",
         ]);
-        let _ = host;
         t
     }
 

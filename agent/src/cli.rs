@@ -192,7 +192,7 @@ pub struct RunArgs {
     pub socket: Option<PathBuf>,
     /// Serve the container-credentials protocol on this address, for
     /// AWS_CONTAINER_CREDENTIALS_FULL_URI: loopback (e.g. 127.0.0.1:8901), or
-    /// the container link's 169.254.170.23:PORT or [fd00:ec2::23]:PORT, which
+    /// the container link's 169.254.170.23:PORT or `[fd00:ec2::23]:PORT`, which
     /// containers on local bridges reach (see README, "Containers").
     #[arg(long, env = "IMDS_AGENT_CONTAINER_ENDPOINT", value_name = "ADDR")]
     pub container_endpoint: Option<SocketAddr>,
