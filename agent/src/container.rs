@@ -190,13 +190,12 @@ fn looks_forged(headers: &HeaderMap, local: &SocketAddr) -> Option<&'static str>
     ];
     // Clients leave the default port out (`http://169.254.170.23/...`).
     if port == 80 {
-        allowed.extend(
-            allowed
-                .clone()
-                .iter()
-                .filter_map(|a| a.strip_suffix(":80"))
-                .map(str::to_owned),
-        );
+        let bare: Vec<String> = allowed
+            .iter()
+            .filter_map(|a| a.strip_suffix(":80"))
+            .map(str::to_owned)
+            .collect();
+        allowed.extend(bare);
     }
     if allowed.iter().any(|a| a.eq_ignore_ascii_case(host)) {
         None
