@@ -2,7 +2,8 @@
 # On erase, what Fedora's %systemd_preun does: disable and stop the units. The
 # opt-in IMDS lock-down goes too if it was turned on: its rule and unit are
 # files of this package, so it could not outlive the next boot anyway, and
-# without the agent it would only cut every application off IMDS.
+# without the agent it would only cut every application off IMDS. So does the
+# opt-in container link (imds-container-link.service), for the same reason.
 # The outputs (/var/lib/imds-agent), an edited /etc/sysconfig/imds-agent (kept
 # as .rpmsave) and the imds-agent user stay, as Fedora packages leave users.
 if [ "$1" -eq 0 ]; then
@@ -19,5 +20,14 @@ if [ "$1" -eq 0 ]; then
     fi
     [ "$lockdown" = yes ] &&
         echo "imds-agent: the IMDS lock-down (imds-lockdown.service) is off: its files go with the package."
+    # The opt-in container link likewise: its unit and script are this package's.
+    if systemctl is-enabled --quiet imds-container-link.service 2>/dev/null ||
+        systemctl is-active --quiet imds-container-link.service 2>/dev/null; then
+        systemctl --no-reload disable imds-container-link.service >/dev/null 2>&1 || :
+        if [ -d /run/systemd/system ]; then
+            systemctl stop imds-container-link.service >/dev/null 2>&1 || :
+        fi
+        echo "imds-agent: the container link (imds-container-link.service) is off: its files go with the package."
+    fi
 fi
 exit 0

@@ -190,8 +190,10 @@ pub struct RunArgs {
     /// Serve credentials over HTTP on this Unix socket.
     #[arg(long, env = "IMDS_AGENT_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Serve the container-credentials protocol on this loopback address
-    /// (e.g. 127.0.0.1:8901), for AWS_CONTAINER_CREDENTIALS_FULL_URI.
+    /// Serve the container-credentials protocol on this address, for
+    /// AWS_CONTAINER_CREDENTIALS_FULL_URI: loopback (e.g. 127.0.0.1:8901), or
+    /// the container link's 169.254.170.23:PORT or `[fd00:ec2::23]:PORT`, which
+    /// containers on local bridges reach (see README, "Containers").
     #[arg(long, env = "IMDS_AGENT_CONTAINER_ENDPOINT", value_name = "ADDR")]
     pub container_endpoint: Option<SocketAddr>,
     /// The container endpoint's token: read from this file, or generated

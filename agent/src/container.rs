@@ -2,10 +2,16 @@
 //! through `AWS_CONTAINER_CREDENTIALS_FULL_URI` plus
 //! `AWS_CONTAINER_AUTHORIZATION_TOKEN` or `..._TOKEN_FILE`.
 //!
-//! Loopback only. Every request must carry the token as the raw
+//! On loopback, or on the container link's address (169.254.170.23 or
+//! fd00:ec2::23, the link-local hosts every AWS SDK accepts in
+//! `AWS_CONTAINER_CREDENTIALS_FULL_URI`, as the EKS Pod Identity agent
+//! serves them), where containers on a local bridge reach it; there a peer
+//! that is neither a local process nor behind a local bridge is refused at
+//! accept (see `origin`). Both `/credentials` and `/v1/credentials` are
+//! served. Every request must carry the token as the raw
 //! `Authorization` value (compared in constant time). Requests that look like
-//! a browser or a DNS-rebinding attempt (a `Host` that is not the loopback
-//! address and port we listen on, or any `Origin`, `Referer` or
+//! a browser or a DNS-rebinding attempt (a `Host` that is not the address
+//! and port we listen on, or any `Origin`, `Referer` or
 //! `X-Forwarded-For`) are refused before the token is even looked at.
 //!
 //! Any local process can reach a loopback port, so floods are expected.
@@ -15,10 +21,11 @@
 //! `http_listener`); since every local process comes from `127.0.0.1`, a
 //! loopback peer is the uid that owns its socket, asked of the kernel at
 //! accept (`http_listener::sock_diag`), so one user cannot take the slots
-//! of all the others. Refusals are counted in `/metrics` and logged
+//! of all the others. A container on a bridge has no local uid: its
+//! address is the peer. Refusals are counted in `/metrics` and logged
 //! sparingly.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::bail;
@@ -37,13 +44,31 @@ use crate::http_listener::{Admission, Peer, Refusal, Refusals, ServerLimits, soc
 use crate::metrics::Metrics;
 
 mod instance_profile;
+mod origin;
 
 pub use instance_profile::InstanceProfile;
 
-/// Refuses anything but a loopback address.
-pub fn check_loopback(addr: &SocketAddr) -> anyhow::Result<()> {
-    if !addr.ip().is_loopback() {
-        bail!("--container-endpoint must be a loopback address such as 127.0.0.1:8901, not {addr}");
+/// The container link's IPv4 address: the host in
+/// `AWS_CONTAINER_CREDENTIALS_FULL_URI=http://169.254.170.23/v1/credentials`.
+pub const CONTAINER_LINK_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
+
+/// The container link's IPv6 address (`http://[fd00:ec2::23]/v1/credentials`).
+pub const CONTAINER_LINK_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23);
+
+/// Is `ip` one of the container link's addresses?
+pub fn is_container_link(ip: IpAddr) -> bool {
+    ip == IpAddr::V4(CONTAINER_LINK_V4) || ip == IpAddr::V6(CONTAINER_LINK_V6)
+}
+
+/// Refuses any address but loopback and the container link's two: any
+/// other would serve the instance's credentials to the network.
+pub fn check_endpoint(addr: &SocketAddr) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() && !is_container_link(addr.ip()) {
+        bail!(
+            "--container-endpoint {addr} is refused: it would serve credentials to the network. \
+             Give a loopback address (127.0.0.1:8901 or [::1]:8901), or the container link's \
+             169.254.170.23:PORT or [fd00:ec2::23]:PORT (see README, \"Containers\")"
+        );
     }
     Ok(())
 }
@@ -157,16 +182,25 @@ fn looks_forged(headers: &HeaderMap, local: &SocketAddr) -> Option<&'static str>
     }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok())?;
     let port = local.port();
-    let allowed = [
-        format!("{}:{port}", local.ip()),
+    let mut allowed = vec![
+        local.to_string(),
         format!("127.0.0.1:{port}"),
         format!("localhost:{port}"),
         format!("[::1]:{port}"),
     ];
+    // Clients leave the default port out (`http://169.254.170.23/...`).
+    if port == 80 {
+        let bare: Vec<String> = allowed
+            .iter()
+            .filter_map(|a| a.strip_suffix(":80"))
+            .map(str::to_owned)
+            .collect();
+        allowed.extend(bare);
+    }
     if allowed.iter().any(|a| a.eq_ignore_ascii_case(host)) {
         None
     } else {
-        Some("the Host header must name this loopback endpoint")
+        Some("the Host header must name this endpoint's address and port")
     }
 }
 
@@ -369,6 +403,7 @@ pub async fn serve_for_consumers(
     });
     let app = Router::new()
         .route("/credentials", get(credentials))
+        .route("/v1/credentials", get(credentials))
         .with_state(App {
             token,
             local,
@@ -378,9 +413,15 @@ pub async fn serve_for_consumers(
             refusals: refusals.clone(),
             consumers,
         });
-    let admit = |stream: &TcpStream| {
-        let peer = peer_of(stream);
-        Admission::Serve(peer, app.clone().layer(Extension(peer)))
+    let admit = |stream: &TcpStream| match peer_of(stream) {
+        Some(peer) => Admission::Serve(peer, app.clone().layer(Extension(peer))),
+        None => Admission::Refuse(
+            Peer {
+                addr: stream.peer_addr().ok().map(|a| a.ip()),
+                ..Peer::default()
+            },
+            Refusal::AllowList,
+        ),
     };
     crate::http_listener::serve_limited(
         listener,
@@ -404,21 +445,30 @@ impl Drop for AbortOnDrop {
 
 /// Who is at the other end of `stream`: the uid owning a loopback peer's
 /// socket (every local process comes from the same loopback address), and
-/// its address.
-fn peer_of(stream: &TcpStream) -> Peer {
+/// its address. On the container link, `None` for a peer that is neither
+/// a local process nor a container behind a local bridge (see `origin`).
+fn peer_of(stream: &TcpStream) -> Option<Peer> {
     let (Ok(remote), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
-        return Peer::default();
+        return Some(Peer::default());
     };
-    let uid = remote
-        .ip()
-        .is_loopback()
-        .then(|| sock_diag::tcp_peer_uid(remote, local))
-        .flatten();
-    Peer {
+    let uid = if local.ip().is_loopback() {
+        remote
+            .ip()
+            .is_loopback()
+            .then(|| sock_diag::tcp_peer_uid(remote, local))
+            .flatten()
+    } else {
+        match origin::classify(remote.ip(), || sock_diag::tcp_peer_uid(remote, local)) {
+            origin::Origin::Host(uid) => uid,
+            origin::Origin::Bridge(_) => None,
+            origin::Origin::Elsewhere => return None,
+        }
+    };
+    Some(Peer {
         uid,
         addr: Some(remote.ip()),
         ..Peer::default()
-    }
+    })
 }
 
 #[cfg(test)]
@@ -472,12 +522,16 @@ mod tests {
         /// The raw answer (lowercased head, body) to `GET /credentials`
         /// with `headers`; the agent or `Connection: close` ends it.
         async fn get(&self, headers: &str) -> (String, String) {
+            self.get_path("/credentials", headers).await
+        }
+
+        /// As [`Endpoint::get`], for `GET path`.
+        async fn get_path(&self, path: &str, headers: &str) -> (String, String) {
             let mut stream = TcpStream::connect(self.addr).await.unwrap();
             let host = self.addr;
             stream
                 .write_all(
-                    format!("GET /credentials HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n")
-                        .as_bytes(),
+                    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n").as_bytes(),
                 )
                 .await
                 .unwrap();
@@ -665,5 +719,111 @@ mod tests {
             "expected 200, got {head} {body}"
         );
         endpoint.stop().await;
+    }
+
+    #[tokio::test]
+    async fn v1_credentials_is_served_as_the_eks_pod_identity_agent_does() {
+        let endpoint = Endpoint::start(active(3600)).await;
+        let authorised = format!("Authorization: {TOKEN}\r\n");
+        for path in ["/credentials", "/v1/credentials"] {
+            let (head, body) = endpoint.get_path(path, &authorised).await;
+            assert!(
+                head.starts_with("http/1.1 200"),
+                "expected 200 for GET {path}, got {head} {body}"
+            );
+            assert!(body.contains("ASIAKEY"), "GET {path}: {body}");
+        }
+        let (head, _) = endpoint.get_path("/v1/credentials", "").await;
+        assert!(
+            head.starts_with("http/1.1 400"),
+            "expected 400 without a token on /v1/credentials, got {head}"
+        );
+        let (head, _) = endpoint.get_path("/v2/credentials", &authorised).await;
+        assert!(head.starts_with("http/1.1 404"), "expected 404, got {head}");
+        endpoint.stop().await;
+    }
+
+    #[test]
+    fn the_container_link_addresses_are_accepted_and_no_other() {
+        for ok in [
+            "127.0.0.1:8901",
+            "[::1]:8901",
+            "169.254.170.23:80",
+            "169.254.170.23:8901",
+            "[fd00:ec2::23]:80",
+        ] {
+            let addr: SocketAddr = ok.parse().unwrap();
+            assert!(
+                check_endpoint(&addr).is_ok(),
+                "expected {ok} to be accepted"
+            );
+        }
+        for bad in [
+            "0.0.0.0:80",
+            "[::]:80",
+            "169.254.170.2:80",
+            "169.254.169.254:80",
+            "10.0.0.5:80",
+            "[fd00:ec2::254]:80",
+        ] {
+            let addr: SocketAddr = bad.parse().unwrap();
+            let message = check_endpoint(&addr)
+                .expect_err(&format!("expected {bad} to be refused"))
+                .to_string();
+            for form in [
+                bad,
+                "loopback",
+                "169.254.170.23:PORT",
+                "[fd00:ec2::23]:PORT",
+            ] {
+                assert!(message.contains(form), "expected {form:?} in: {message}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_host_header_names_the_link_address_with_or_without_port_80() {
+        let headers = |host: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::HOST, host.parse().unwrap());
+            headers
+        };
+        for (local, good, bad) in [
+            (
+                "169.254.170.23:80",
+                &["169.254.170.23", "169.254.170.23:80"][..],
+                &[
+                    "attacker.example",
+                    "attacker.example:80",
+                    "169.254.170.23:8080",
+                    "169.254.169.254",
+                ][..],
+            ),
+            (
+                "[fd00:ec2::23]:80",
+                &["[fd00:ec2::23]", "[fd00:ec2::23]:80", "[FD00:EC2::23]"][..],
+                &["fd00:ec2::23:80", "[fd00:ec2::254]", "attacker.example"][..],
+            ),
+            (
+                "169.254.170.23:8901",
+                &["169.254.170.23:8901"][..],
+                &["169.254.170.23", "169.254.170.23:80"][..],
+            ),
+        ] {
+            let local: SocketAddr = local.parse().unwrap();
+            for host in good {
+                assert_eq!(
+                    looks_forged(&headers(host), &local),
+                    None,
+                    "Host {host} on {local}: expected it to be accepted"
+                );
+            }
+            for host in bad {
+                assert!(
+                    looks_forged(&headers(host), &local).is_some(),
+                    "Host {host} on {local}: expected a refusal"
+                );
+            }
+        }
     }
 }

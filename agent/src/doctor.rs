@@ -88,6 +88,7 @@ pub async fn run_checks(args: &DoctorArgs) -> Vec<Finding> {
     }
     findings.push(tokens_required(client.endpoint()).await);
     findings.push(lockdown());
+    findings.push(forward_path());
     let targets: Vec<String> = match &args.imds_endpoint {
         Some(_) => vec![client.endpoint().to_owned()],
         None => vec![
@@ -450,6 +451,109 @@ fn lockdown() -> Finding {
     }
 }
 
+/// Is the forward path to IMDS closed? Containers on a bridge reach IMDS
+/// through the host's forwarding and NAT, which the output chain never
+/// sees. Closed when a forward chain (the lock-down rule's, or any) rejects
+/// or drops 169.254.169.254 and fd00:ec2::254, or when forwarding is off.
+fn forward_path() -> Finding {
+    let ruleset = std::process::Command::new("nft")
+        .args(["list", "ruleset"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let on = |path: &str| std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1");
+    let forwarding =
+        on("/proc/sys/net/ipv4/ip_forward") || on("/proc/sys/net/ipv6/conf/all/forwarding");
+    let mut bridges: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter(|e| e.path().join("bridge").is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    bridges.sort();
+    forward_verdict(ruleset.as_deref(), forwarding, &bridges)
+}
+
+/// Which IMDS addresses (IPv4, IPv6) a forward-hook chain of `ruleset`
+/// (`nft list ruleset`) rejects or drops.
+fn forward_blocked(ruleset: &str) -> (bool, bool) {
+    let (mut v4, mut v6, mut forward) = (false, false, false);
+    for line in ruleset.lines().map(str::trim) {
+        if line.starts_with("chain ") {
+            forward = false;
+        } else if line.starts_with("type ") && line.contains(" hook forward ") {
+            forward = true;
+        } else if forward
+            && (line.contains(" reject") || line.ends_with(" drop") || line.contains(" drop "))
+        {
+            v4 |= line.contains("daddr 169.254.169.254 ");
+            v6 |= line.contains("daddr fd00:ec2::254 ");
+        }
+    }
+    (v4, v6)
+}
+
+const HOP_LIMIT: &str =
+    "the instance's hop limit (http-put-response-hop-limit 1) is the other guard";
+const FORWARD_FIX: &str = "load the lock-down rule, which rejects forwarded traffic to IMDS: \
+    systemctl enable --now /usr/share/imds-agent/imds-lockdown.service (README, \
+    \"Locking IMDS down to the agent\"); keep the hop limit at 1";
+
+/// The forward-path finding from what the host shows: the ruleset (`None`
+/// when `nft` could not list it), whether forwarding is on, and its bridges.
+fn forward_verdict(ruleset: Option<&str>, forwarding: bool, bridges: &[String]) -> Finding {
+    let (v4, v6) = ruleset.map(forward_blocked).unwrap_or_default();
+    if v4 && v6 {
+        return finding(
+            Verdict::Ok,
+            format!(
+                "the forward path to IMDS is closed: a forward rule rejects traffic routed to \
+                 169.254.169.254 and fd00:ec2::254 (containers on bridges); {HOP_LIMIT}"
+            ),
+            None,
+        );
+    }
+    if !forwarding {
+        return finding(
+            Verdict::Ok,
+            format!(
+                "the forward path to IMDS is closed: IP forwarding is off, so no container on \
+                 a bridge is routed to IMDS; {HOP_LIMIT}"
+            ),
+            None,
+        );
+    }
+    let open = match (v4, v6) {
+        (true, false) => "fd00:ec2::254 (IPv6)",
+        (false, true) => "169.254.169.254 (IPv4)",
+        _ => "IMDS",
+    };
+    let unread = if ruleset.is_none() {
+        " (nft list ruleset could not be read: run doctor as root)"
+    } else {
+        ""
+    };
+    let what = if bridges.is_empty() {
+        format!(
+            "IP forwarding is on and no forward rule stops traffic to {open}{unread}: anything \
+             routed through this host reaches it; only the instance's hop limit \
+             (http-put-response-hop-limit 1) keeps it from a session token"
+        )
+    } else {
+        format!(
+            "IP forwarding is on and a bridge exists ({}) with no forward rule for {open}{unread}: \
+             a bridged container can reach IMDS through the host; only the instance's hop limit \
+             (http-put-response-hop-limit 1) keeps it from a session token",
+            bridges.join(", ")
+        )
+    };
+    finding(Verdict::Warn, what, Some(FORWARD_FIX))
+}
+
 /// Is an output closed to other users?
 fn output_access(label: &str, path: &Path) -> Finding {
     match std::fs::metadata(path) {
@@ -493,4 +597,97 @@ pub fn report(findings: &[Finding]) -> bool {
         }
     }
     findings.iter().all(|f| f.verdict != Verdict::Fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `nft list ruleset` with the lock-down rule loaded beside Docker's tables.
+    const LOCKED: &str = "\
+table ip nat {
+\tchain POSTROUTING {
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\tip saddr 172.17.0.0/16 oifname != \"docker0\" masquerade
+\t}
+}
+table inet imds_lockdown {
+\tchain output {
+\t\ttype filter hook output priority filter; policy accept;
+\t\tmeta l4proto tcp ip daddr 169.254.169.254 meta skuid != 998 reject with tcp reset
+\t\tmeta l4proto tcp ip6 daddr fd00:ec2::254 meta skuid != 998 reject with tcp reset
+\t}
+
+\tchain forward {
+\t\ttype filter hook forward priority filter; policy accept;
+\t\tmeta l4proto tcp ip daddr 169.254.169.254 reject with tcp reset
+\t\tip daddr 169.254.169.254 reject with icmp port-unreachable
+\t\tmeta l4proto tcp ip6 daddr fd00:ec2::254 reject with tcp reset
+\t\tip6 daddr fd00:ec2::254 reject with icmpv6 port-unreachable
+\t}
+}
+";
+
+    /// The rule as it was before the forward chain: output only.
+    const OUTPUT_ONLY: &str = "\
+table inet imds_lockdown {
+\tchain output {
+\t\ttype filter hook output priority filter; policy accept;
+\t\tmeta l4proto tcp ip daddr 169.254.169.254 meta skuid != 998 reject with tcp reset
+\t\tmeta l4proto tcp ip6 daddr fd00:ec2::254 meta skuid != 998 reject with tcp reset
+\t}
+}
+";
+
+    fn docker0() -> Vec<String> {
+        vec!["docker0".to_owned()]
+    }
+
+    #[test]
+    fn the_forward_chain_closes_the_path_and_names_the_hop_limit() {
+        let f = forward_verdict(Some(LOCKED), true, &docker0());
+        assert_eq!(f.verdict, Verdict::Ok, "{}", f.what);
+        assert!(
+            f.what.contains("forward path to IMDS is closed"),
+            "{}",
+            f.what
+        );
+        assert!(f.what.contains("hop limit"), "{}", f.what);
+    }
+
+    #[test]
+    fn a_bridge_with_forwarding_and_no_forward_rule_is_a_warning() {
+        for ruleset in [Some(OUTPUT_ONLY), Some(""), None] {
+            let f = forward_verdict(ruleset, true, &docker0());
+            assert_eq!(f.verdict, Verdict::Warn, "{ruleset:?}: {}", f.what);
+            assert!(
+                f.what.contains("a bridge exists (docker0)")
+                    && f.what.contains("bridged container can reach IMDS")
+                    && f.what.contains("hop limit"),
+                "{}",
+                f.what
+            );
+            assert!(f.fix.as_deref().unwrap().contains("imds-lockdown.service"));
+        }
+    }
+
+    #[test]
+    fn forwarding_off_closes_the_path_without_a_rule() {
+        let f = forward_verdict(Some(OUTPUT_ONLY), false, &docker0());
+        assert_eq!(f.verdict, Verdict::Ok, "{}", f.what);
+        assert!(f.what.contains("IP forwarding is off"), "{}", f.what);
+        assert!(f.what.contains("hop limit"), "{}", f.what);
+    }
+
+    #[test]
+    fn a_forward_rule_for_one_family_leaves_the_other_open() {
+        let ipv4_only: String = LOCKED
+            .lines()
+            .filter(|l| !l.contains("ip6 daddr"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let f = forward_verdict(Some(&ipv4_only), true, &docker0());
+        assert_eq!(f.verdict, Verdict::Warn, "{}", f.what);
+        assert!(f.what.contains("fd00:ec2::254 (IPv6)"), "{}", f.what);
+    }
 }

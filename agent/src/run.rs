@@ -40,7 +40,7 @@ fn validate_outputs(args: &RunArgs, activated: bool) -> anyhow::Result<()> {
         );
     }
     if let Some(addr) = &args.container_endpoint {
-        crate::container::check_loopback(addr)?;
+        crate::container::check_endpoint(addr)?;
     }
     if let (Some(socket), Some(metrics)) = (&args.socket, &args.metrics_socket)
         && resolve_output(socket) == resolve_output(metrics)
@@ -442,9 +442,7 @@ pub async fn run(
             .with_context(|| format!("binding the container endpoint {addr}"))?;
         let local = listener.local_addr()?;
         tracing::info!(
-            "container endpoint ready: AWS_CONTAINER_CREDENTIALS_FULL_URI=http://{}:{}/credentials AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={}",
-            local.ip(),
-            local.port(),
+            "container endpoint ready: AWS_CONTAINER_CREDENTIALS_FULL_URI=http://{local}/v1/credentials AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={}",
             args.container_token_file.display()
         );
         servers.push(Server::new(
