@@ -119,12 +119,17 @@ pub enum ErrorKind {
 
 /// The error returned by everything in this crate.
 ///
-/// Cheap to clone (the cause is shared), so one failed load can be handed to
-/// every caller that waited on it.
+/// Cheap to clone (shared), so one failed load can be handed to every caller
+/// that waited on it. One pointer wide, so that a `Result` of credentials
+/// and an error stays two words: the cached path returns it in registers.
 #[derive(Clone)]
 pub struct Error {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     kind: ErrorKind,
-    source: Option<Arc<dyn StdError + Send + Sync>>,
+    source: Option<Box<dyn StdError + Send + Sync>>,
 }
 
 impl Error {
@@ -134,13 +139,17 @@ impl Error {
     #[cfg(feature = "test-util")]
     #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn new(kind: ErrorKind) -> Self {
-        Self { kind, source: None }
+        Self {
+            inner: Arc::new(Inner { kind, source: None }),
+        }
     }
 
     /// An error of `kind` with no underlying cause.
     #[cfg(not(feature = "test-util"))]
     pub(crate) fn new(kind: ErrorKind) -> Self {
-        Self { kind, source: None }
+        Self {
+            inner: Arc::new(Inner { kind, source: None }),
+        }
     }
 
     /// An error of `kind` caused by `source`.
@@ -149,19 +158,21 @@ impl Error {
         source: impl StdError + Send + Sync + 'static,
     ) -> Self {
         Self {
-            kind,
-            source: Some(Arc::new(source)),
+            inner: Arc::new(Inner {
+                kind,
+                source: Some(Box::new(source)),
+            }),
         }
     }
 
     /// What went wrong.
     pub fn kind(&self) -> &ErrorKind {
-        &self.kind
+        &self.inner.kind
     }
 
     /// The likely fix, for logs and operators, when the cause is known.
     pub fn hint(&self) -> Option<&'static str> {
-        match &self.kind {
+        match &self.inner.kind {
             ErrorKind::Disabled => Some("unset AWS_EC2_METADATA_DISABLED to allow IMDS access"),
             ErrorKind::Unreachable => Some(
                 "this does not look like an EC2 instance, or IMDS is turned off \
@@ -202,7 +213,7 @@ impl Error {
     /// credentials only for these.
     pub fn is_transient(&self) -> bool {
         matches!(
-            self.kind,
+            self.inner.kind,
             ErrorKind::Unreachable
                 | ErrorKind::TokenTimeout
                 | ErrorKind::Unauthorized
@@ -221,8 +232,8 @@ impl Error {
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Error");
-        d.field("kind", &self.kind);
-        if let Some(source) = &self.source {
+        d.field("kind", &self.inner.kind);
+        if let Some(source) = &self.inner.source {
             d.field("source", source);
         }
         d.finish()
@@ -231,13 +242,14 @@ impl fmt::Debug for Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.kind, f)
+        fmt::Display::fmt(&self.inner.kind, f)
     }
 }
 
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source
+        self.inner
+            .source
             .as_deref()
             .map(|source| source as &(dyn StdError + 'static))
     }
@@ -252,6 +264,17 @@ impl From<ErrorKind> for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cached_result_is_two_words() {
+        // The cached path returns `Result<Credentials, Error>`: kept small,
+        // it travels in registers instead of through the stack.
+        assert_eq!(size_of::<Error>(), size_of::<usize>());
+        assert_eq!(
+            size_of::<Result<crate::Credentials, Error>>(),
+            2 * size_of::<usize>()
+        );
+    }
 
     #[test]
     fn display_is_the_kind_and_cause_is_the_source() {
