@@ -21,18 +21,31 @@ use rustix::process::Signal;
 use crate::eqnice;
 use crate::util::{PATIENCE, Running, unix_get, wait_for};
 
+/// A `sh -c` script that runs `"$0" "$@"` in its own place (`exec`) with
+/// `LISTEN_PID` set to its pid, which `exec` keeps: the agent's pid, as
+/// systemd sets it.
+pub(crate) const AS_SYSTEMD: &str = "LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"";
+
 /// The agent, run with `args` and handed `fds` as systemd hands a service
 /// its sockets: fd 3 on, `LISTEN_FDS`, `LISTEN_PID` (its own pid) and, when
 /// given, `LISTEN_FDNAMES`.
 pub(crate) fn activated_agent(fds: Vec<OwnedFd>, names: Option<&str>, args: &[&str]) -> Command {
     let mut cmd = Command::new("sh");
-    cmd.args(["-c", "LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\""])
+    cmd.args(["-c", AS_SYSTEMD])
         .arg(env!("CARGO_BIN_EXE_imds-agent"))
         .args(args)
         .env_remove("RUST_LOG")
-        .env_remove("LISTEN_PID")
+        .env("IMDS_AGENT_LOG", "warn");
+    pass_sockets(&mut cmd, fds, names);
+    cmd
+}
+
+/// Passes `fds` to `cmd` from fd 3 on, with `LISTEN_FDS` and, when given,
+/// `LISTEN_FDNAMES` (`cmd` runs the agent through [`AS_SYSTEMD`], which
+/// sets `LISTEN_PID`).
+pub(crate) fn pass_sockets(cmd: &mut Command, fds: Vec<OwnedFd>, names: Option<&str>) {
+    cmd.env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDNAMES")
-        .env("IMDS_AGENT_LOG", "warn")
         .env("LISTEN_FDS", fds.len().to_string());
     if let Some(names) = names {
         cmd.env("LISTEN_FDNAMES", names);
@@ -47,7 +60,6 @@ pub(crate) fn activated_agent(fds: Vec<OwnedFd>, names: Option<&str>, args: &[&s
             .collect(),
     )
     .unwrap();
-    cmd
 }
 
 /// `GET path` on `addr` with `Host` naming `addr` and `authorization`, if
@@ -160,16 +172,21 @@ fn refused(what: &str, fds: Vec<OwnedFd>, names: Option<&str>, expected: &[&str]
     }
 }
 
-/// A TCP socket bound to `addr` (`IP_FREEBIND`: it need not be this host's,
-/// and nothing reaches it), listening when `listen`.
-fn tcp_socket(addr: SocketAddr, listen: bool) -> OwnedFd {
+/// A TCP socket bound to `addr` with `FreeBind=yes`, as systemd binds
+/// `imds-agent-container.socket` (`IP_FREEBIND`: the address need not
+/// exist yet; until it does nothing reaches the socket), listening when
+/// `listen`.
+pub(crate) fn tcp_socket(addr: SocketAddr, listen: bool) -> OwnedFd {
     use rustix::net::{AddressFamily, SocketType, bind, ipproto, socket};
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::INET,
         SocketAddr::V6(_) => AddressFamily::INET6,
     };
     let fd = socket(family, SocketType::STREAM, Some(ipproto::TCP)).unwrap();
-    rustix::net::sockopt::set_ip_freebind(&fd, true).unwrap();
+    match addr {
+        SocketAddr::V4(_) => rustix::net::sockopt::set_ip_freebind(&fd, true).unwrap(),
+        SocketAddr::V6(_) => rustix::net::sockopt::set_ipv6_freebind(&fd, true).unwrap(),
+    }
     bind(&fd, &addr).unwrap();
     if listen {
         rustix::net::listen(&fd, 16).unwrap();
