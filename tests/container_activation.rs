@@ -65,6 +65,16 @@ pub(crate) fn pass_sockets(cmd: &mut Command, fds: Vec<OwnedFd>, names: Option<&
 /// `GET path` on `addr` with `Host` naming `addr` and `authorization`, if
 /// any: (status, body).
 fn get(addr: SocketAddr, path: &str, authorization: Option<&str>) -> (u16, String) {
+    get_as(addr, addr, path, authorization)
+}
+
+/// As [`get`], with `Host` naming `host`.
+fn get_as(
+    addr: SocketAddr,
+    host: SocketAddr,
+    path: &str,
+    authorization: Option<&str>,
+) -> (u16, String) {
     let mut stream =
         TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -73,7 +83,7 @@ fn get(addr: SocketAddr, path: &str, authorization: Option<&str>) -> (u16, Strin
         .unwrap_or_default();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut raw = String::new();
@@ -133,6 +143,14 @@ async fn the_container_endpoint_is_served_on_sockets_passed_by_systemd() {
             "expected 400 NoIdInRequest without the token on {addr}, got {status} {body}"
         );
     }
+    // Each connection's Host must name the address it came in on.
+    let (status, body) = get_as(addrs[1], addrs[0], "/v1/credentials", Some(&token));
+    assert!(
+        status == 403 && body.contains("AccessDenied"),
+        "expected 403 for Host {} on a connection to {}, got {status} {body}",
+        addrs[0],
+        addrs[1]
+    );
     // The credential socket is served too.
     let (status, body) = unix_get(&socket_path, "/credentials").unwrap();
     eqnice!(200, status);
