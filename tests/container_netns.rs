@@ -21,6 +21,8 @@
 //! throwaway uid with no capability at all (`setpriv`: empty permitted,
 //! effective, inheritable, ambient and bounding sets), and the namespace
 //! keeps the kernel's port 1024 floor, so it could not bind port 80 itself.
+//! A second agent, started without systemd, binds the link itself with
+//! `--container-endpoint` on a port above that floor.
 //!
 //! IMDS sits in a namespace of its own, as the real one sits off the host:
 //! were it on the host's own link, a container's packets to it would be
@@ -344,7 +346,7 @@ fn endpoints() -> [SocketAddr; 2] {
 }
 
 /// `GET /v1/credentials` on `endpoint` with `authorization` (if any), as an
-/// SDK sends it (`Host` without the default port): (status, body).
+/// SDK sends it (`Host` without the default port, with any other): (status, body).
 fn get_credentials(
     endpoint: SocketAddr,
     authorization: Option<&str>,
@@ -352,6 +354,7 @@ fn get_credentials(
     let mut stream = TcpStream::connect_timeout(&endpoint, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(PATIENCE))?;
     let host = match endpoint {
+        _ if endpoint.port() != 80 => endpoint.to_string(),
         SocketAddr::V4(a) => a.ip().to_string(),
         SocketAddr::V6(a) => format!("[{}]", a.ip()),
     };
@@ -627,6 +630,51 @@ fn containers_reach_the_endpoint_and_not_imds_through_the_lock_down() {
              the uplink; got {got:?}"
         );
     }
+    // Without systemd: the agent binds the link itself with
+    // --container-endpoint, on a port above the kernel's floor (no
+    // capability either), and serves the container there too.
+    let bound_token_file = home.join("bound-token");
+    let bound = {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &topology.host.0, "setpriv"])
+            .arg(format!("--reuid={}", agent_user.uid))
+            .arg(format!("--regid={}", agent_user.gid))
+            .args([
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "--",
+            ])
+            .arg(env!("CARGO_BIN_EXE_imds-agent"))
+            .args(["run", "--imds-endpoint", "http://169.254.169.254"])
+            .args(["--container-endpoint", "[fd00:ec2::23]:8901"])
+            .arg("--container-token-file")
+            .arg(&bound_token_file)
+            .env_remove("RUST_LOG")
+            .env_remove("LISTEN_FDS")
+            .env("IMDS_AGENT_LOG", "warn");
+        Running::start(cmd)
+    };
+    wait_for("the second agent's token file", || {
+        bound_token_file.exists()
+    });
+    let bound_token = std::fs::read_to_string(&bound_token_file).unwrap();
+    let mut last = None;
+    wait_for("the container to be served on [fd00:ec2::23]:8901", || {
+        let token = bound_token.clone();
+        let got = topology.container.within(None, move || {
+            get_credentials("[fd00:ec2::23]:8901".parse().unwrap(), Some(&token))
+        });
+        let served = matches!(&got, Ok((200, _)));
+        last = Some(got.map(|(status, body)| (status, shown(&body))));
+        served
+    });
+    assert!(
+        matches!(&last, Some(Ok((200, _)))),
+        "expected 200 from [fd00:ec2::23]:8901, got {last:?}"
+    );
+    assert!(bound.stop_with(rustix::process::Signal::TERM).success());
+
     // An SDK in the container, configured the way README "Containers" says.
     for (uri, token_file) in [
         ("http://169.254.170.23/v1/credentials", &token_files[0]),
