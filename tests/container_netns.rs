@@ -14,6 +14,16 @@
 //!                              the agent (an unprivileged uid), the lock-down rule
 //! ```
 //!
+//! The agent is started as the package starts it: the test, as root, binds
+//! 169.254.170.23:80 and [fd00:ec2::23]:80 as `imds-agent-container.socket`
+//! does (`FreeBind=yes`, before the link has the addresses) and passes both
+//! to one agent, named `container`, as systemd does; the agent runs as a
+//! throwaway uid with no capability at all (`setpriv`: empty permitted,
+//! effective, inheritable, ambient and bounding sets), and the namespace
+//! keeps the kernel's port 1024 floor, so it could not bind port 80 itself.
+//! A second agent, started without systemd, binds the link itself with
+//! `--container-endpoint` on a port above that floor.
+//!
 //! IMDS sits in a namespace of its own, as the real one sits off the host:
 //! were it on the host's own link, a container's packets to it would be
 //! delivered locally (the input hook) and the rule's forward chain would go
@@ -25,7 +35,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -215,9 +225,6 @@ impl Topology {
         t.imds
             .ip(&["addr", "add", "fd00:ec2::254/64", "dev", "eth0", "nodad"]);
         t.imds.ip(&["link", "set", "eth0", "up"]);
-        // The container link, by the packaged script, on lo.
-        t.host
-            .exec("sh", &[&host_file("imds-container-link.sh"), "up", "lo"]);
         // A bridge and a container on it, routed and NATed as Docker does.
         t.host.ip(&["link", "add", "br0", "type", "bridge"]);
         t.host.ip(&["addr", "add", "10.200.0.1/24", "dev", "br0"]);
@@ -243,9 +250,6 @@ impl Topology {
                 "-qw",
                 "net.ipv4.ip_forward=1",
                 "net.ipv6.conf.all.forwarding=1",
-                // The agent runs unprivileged and listens on port 80; the
-                // package's drop-in gives it CAP_NET_BIND_SERVICE instead.
-                "net.ipv4.ip_unprivileged_port_start=80",
             ],
         );
         let nat = "\
@@ -279,6 +283,12 @@ table ip6 docker_nat {
             "fd00:ec2::1",
         ]);
         t
+    }
+
+    /// The container link, by the packaged script, on lo.
+    fn link_up(&self) {
+        self.host
+            .exec("sh", &[&host_file("imds-container-link.sh"), "up", "lo"]);
     }
 
     /// Loads the packaged rule with the packaged script, letting `agent` through.
@@ -336,7 +346,7 @@ fn endpoints() -> [SocketAddr; 2] {
 }
 
 /// `GET /v1/credentials` on `endpoint` with `authorization` (if any), as an
-/// SDK sends it (`Host` without the default port): (status, body).
+/// SDK sends it (`Host` without the default port, with any other): (status, body).
 fn get_credentials(
     endpoint: SocketAddr,
     authorization: Option<&str>,
@@ -344,6 +354,7 @@ fn get_credentials(
     let mut stream = TcpStream::connect_timeout(&endpoint, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(PATIENCE))?;
     let host = match endpoint {
+        _ if endpoint.port() != 80 => endpoint.to_string(),
         SocketAddr::V4(a) => a.ip().to_string(),
         SocketAddr::V6(a) => format!("[{}]", a.ip()),
     };
@@ -375,12 +386,25 @@ fn shown(body: &str) -> String {
     }
 }
 
-/// The real agent in the host namespace, as `user`, serving the container
-/// endpoint at `endpoint` from IMDS at `imds`, its token in `token_file`.
+/// The container endpoint's sockets, bound in `host` by root before the
+/// link has its addresses, as systemd binds `imds-agent-container.socket`
+/// (`FreeBind=yes`).
+fn bind_as_systemd(host: &Netns) -> Vec<OwnedFd> {
+    host.within(None, || {
+        endpoints()
+            .into_iter()
+            .map(|addr| crate::container_activation::tcp_socket(addr, true))
+            .collect()
+    })
+}
+
+/// The real agent in the host namespace, as `user` with no capability,
+/// serving the container endpoint on `sockets` (passed as systemd passes
+/// them, named `container`) from IMDS at `imds`, its token in `token_file`.
 fn start_agent(
     host: &Netns,
     user: Stranger,
-    endpoint: SocketAddr,
+    sockets: Vec<OwnedFd>,
     imds: &str,
     token_file: &Path,
     log: &Path,
@@ -389,16 +413,35 @@ fn start_agent(
     cmd.args(["netns", "exec", &host.0, "setpriv"])
         .arg(format!("--reuid={}", user.uid))
         .arg(format!("--regid={}", user.gid))
-        .args(["--clear-groups", "--inh-caps=-all", "--"])
+        .args([
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "--bounding-set=-all",
+            "--",
+            "sh",
+            "-c",
+            crate::container_activation::AS_SYSTEMD,
+        ])
         .arg(env!("CARGO_BIN_EXE_imds-agent"))
         .args(["run", "--imds-endpoint", imds, "--poll-interval", "1"])
-        .arg("--container-endpoint")
-        .arg(endpoint.to_string())
         .arg("--container-token-file")
         .arg(token_file)
         .env_remove("RUST_LOG")
         .env("IMDS_AGENT_LOG", "info");
+    let names = vec!["container"; sockets.len()].join(":");
+    crate::container_activation::pass_sockets(&mut cmd, sockets, Some(&names));
     Running::start_logging_to(cmd, log)
+}
+
+/// The capability sets of process `pid` (`Cap*:` lines of its status).
+fn capabilities(pid: u32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"))
+        .lines()
+        .filter(|l| l.starts_with("Cap"))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
@@ -411,38 +454,32 @@ fn containers_reach_the_endpoint_and_not_imds_through_the_lock_down() {
     let agent_user = Stranger::new();
     let stranger = Stranger::new();
     let home = agent_user.home(dir.path());
-    // One agent per address family: --container-endpoint takes one address.
-    let [v4, v6] = endpoints();
-    let token_files = [home.join("token-v4"), home.join("token-v6")];
-    let logs = [
-        dir.path().join("agent-v4.log"),
-        dir.path().join("agent-v6.log"),
-    ];
-    let agents = [
-        start_agent(
-            &topology.host,
-            agent_user,
-            v4,
-            "http://169.254.169.254",
-            &token_files[0],
-            &logs[0],
-        ),
-        start_agent(
-            &topology.host,
-            agent_user,
-            v6,
-            "http://[fd00:ec2::254]",
-            &token_files[1],
-            &logs[1],
-        ),
-    ];
-    for path in &token_files {
-        wait_for("the agents' token files", || path.exists());
+    // Bound before the link exists (FreeBind), as at boot.
+    let sockets = bind_as_systemd(&topology.host);
+    topology.link_up();
+    // One agent serves both families, on the two sockets it is passed.
+    let token_file = home.join("container-token");
+    let log = dir.path().join("agent.log");
+    let agent = start_agent(
+        &topology.host,
+        agent_user,
+        sockets,
+        "http://169.254.169.254",
+        &token_file,
+        &log,
+    );
+    wait_for("the agent's token file", || token_file.exists());
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let caps = capabilities(agent.pid());
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert!(
+            caps.iter()
+                .any(|l| l.starts_with(set) && l.ends_with("0000000000000000")),
+            "expected the agent to hold no capability ({set} all zero), got {caps:?}"
+        );
     }
-    let tokens: Vec<String> = token_files
-        .iter()
-        .map(|p| std::fs::read_to_string(p).unwrap())
-        .collect();
+    let tokens = [token.clone(), token.clone()];
+    let token_files = [&token_file, &token_file];
     let issued = || {
         emulator
             .imds()
@@ -593,6 +630,51 @@ fn containers_reach_the_endpoint_and_not_imds_through_the_lock_down() {
              the uplink; got {got:?}"
         );
     }
+    // Without systemd: the agent binds the link itself with
+    // --container-endpoint, on a port above the kernel's floor (no
+    // capability either), and serves the container there too.
+    let bound_token_file = home.join("bound-token");
+    let bound = {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &topology.host.0, "setpriv"])
+            .arg(format!("--reuid={}", agent_user.uid))
+            .arg(format!("--regid={}", agent_user.gid))
+            .args([
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "--",
+            ])
+            .arg(env!("CARGO_BIN_EXE_imds-agent"))
+            .args(["run", "--imds-endpoint", "http://169.254.169.254"])
+            .args(["--container-endpoint", "[fd00:ec2::23]:8901"])
+            .arg("--container-token-file")
+            .arg(&bound_token_file)
+            .env_remove("RUST_LOG")
+            .env_remove("LISTEN_FDS")
+            .env("IMDS_AGENT_LOG", "warn");
+        Running::start(cmd)
+    };
+    wait_for("the second agent's token file", || {
+        bound_token_file.exists()
+    });
+    let bound_token = std::fs::read_to_string(&bound_token_file).unwrap();
+    let mut last = None;
+    wait_for("the container to be served on [fd00:ec2::23]:8901", || {
+        let token = bound_token.clone();
+        let got = topology.container.within(None, move || {
+            get_credentials("[fd00:ec2::23]:8901".parse().unwrap(), Some(&token))
+        });
+        let served = matches!(&got, Ok((200, _)));
+        last = Some(got.map(|(status, body)| (status, shown(&body))));
+        served
+    });
+    assert!(
+        matches!(&last, Some(Ok((200, _)))),
+        "expected 200 from [fd00:ec2::23]:8901, got {last:?}"
+    );
+    assert!(bound.stop_with(rustix::process::Signal::TERM).success());
+
     // An SDK in the container, configured the way README "Containers" says.
     for (uri, token_file) in [
         ("http://169.254.170.23/v1/credentials", &token_files[0]),
@@ -656,24 +738,20 @@ fn containers_reach_the_endpoint_and_not_imds_through_the_lock_down() {
         "expected doctor to warn that a bridged container can reach IMDS without the rule:\n{doctor}"
     );
 
-    for agent in agents {
-        assert!(agent.stop_with(rustix::process::Signal::TERM).success());
-    }
+    assert!(agent.stop_with(rustix::process::Signal::TERM).success());
     // Per-peer keys, as the refusal log names them: the host process by its
     // uid (sock_diag), the container by its address (it has no local uid).
-    for ((log, token), container_ip) in logs.iter().zip(&tokens).zip(["10.200.0.2", "fd00:200::2"])
-    {
-        let log = std::fs::read_to_string(log).unwrap();
-        assert!(!log.contains(token.as_str()), "a token reached the log");
-        for key in [
-            format!("further refusals of uid {}", stranger.uid),
-            format!("further refusals of address {container_ip}"),
-        ] {
-            assert!(
-                log.contains(&key),
-                "expected {key:?} in the agent's log:\n{log}"
-            );
-        }
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(!log.contains(token.as_str()), "the token reached the log");
+    for key in [
+        format!("further refusals of uid {}", stranger.uid),
+        "further refusals of address 10.200.0.2".to_owned(),
+        "further refusals of address fd00:200::2".to_owned(),
+    ] {
+        assert!(
+            log.contains(&key),
+            "expected {key:?} in the agent's log:\n{log}"
+        );
     }
     drop(emulator);
     drop(topology);

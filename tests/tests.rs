@@ -8,6 +8,7 @@
 mod agent_run;
 mod consumers;
 mod container;
+mod container_activation;
 mod container_netns;
 mod demo;
 mod disk_faults;

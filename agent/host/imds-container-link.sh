@@ -1,8 +1,9 @@
 #!/bin/sh
 # Gives this host the container link: 169.254.170.23/32 and fd00:ec2::23/128,
 # the link-local hosts every AWS SDK accepts in AWS_CONTAINER_CREDENTIALS_FULL_URI,
-# on a link of their own, so that the agent (which has no capabilities) can
-# listen there and containers on local bridges reach it through the host.
+# on a link of their own, where imds-agent-container.socket binds port 80 for
+# the agent (which has no capabilities) and containers on local bridges reach
+# it through the host.
 # Usage: imds-container-link.sh up|down [LINK]   (as root; LINK: imds-agent0)
 # `up` creates LINK as a `dummy` link when it does not exist (a link that
 # exists, such as `lo` in tests, is used as it is), adds both addresses and

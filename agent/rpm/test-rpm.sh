@@ -34,7 +34,7 @@ for want in '755 /usr/bin/imds-agent' '644 /etc/sysconfig/imds-agent' \
     '755 /usr/share/imds-agent/apply-imds-lockdown.sh' '644 /usr/share/imds-agent/imds-lockdown.nft' \
     '644 /usr/share/imds-agent/imds-lockdown.service' '644 /usr/share/doc/imds-agent/README.md' \
     '755 /usr/share/imds-agent/imds-container-link.sh' '644 /usr/share/imds-agent/imds-container-link.service' \
-    '644 /usr/share/imds-agent/imds-agent-containers.conf'; do
+    '644 /usr/share/imds-agent/imds-agent-containers.conf' '644 /usr/share/imds-agent/imds-agent-container.socket'; do
   path=${want#* }
   [ -f "$root$path" ] || fail "expected $path in the installed root, it is missing"
   got=$(stat -c %a "$root$path")
@@ -128,10 +128,13 @@ systemctl enable "$root/usr/share/imds-agent/imds-lockdown.service" >/dev/null 2
 expect imds-lockdown.service enabled "after enabling the opt-in lock-down"
 systemctl enable "$root/usr/share/imds-agent/imds-container-link.service" >/dev/null 2>&1
 expect imds-container-link.service enabled "after enabling the opt-in container link"
+systemctl enable "$root/usr/share/imds-agent/imds-agent-container.socket" >/dev/null 2>&1
+expect imds-agent-container.socket enabled "after enabling the opt-in container socket"
 sh "$S/PREUN.sh" 1 || fail "%preun exited non-zero on upgrade"
 expect imds-agent.service enabled "after %preun on upgrade"
 expect imds-lockdown.service enabled "after %preun on upgrade"
 expect imds-container-link.service enabled "after %preun on upgrade"
+expect imds-agent-container.socket enabled "after %preun on upgrade"
 out=$(sh "$S/PREUN.sh" 0) || fail "%preun exited non-zero on erase"
 expect imds-agent.service disabled "after %preun on erase"
 expect imds-agent.socket disabled "after %preun on erase"
@@ -139,6 +142,8 @@ expect imds-agent.socket disabled "after %preun on erase"
 grep -q 'lock-down (imds-lockdown.service) is off' <<<"$out" || fail "%preun on erase did not say the lock-down is off: $out"
 [ -z "$(state imds-container-link.service)" ] || expect imds-container-link.service disabled "after %preun on erase"
 grep -q 'container link (imds-container-link.service) is off' <<<"$out" || fail "%preun on erase did not say the container link is off: $out"
+[ -z "$(state imds-agent-container.socket)" ] || expect imds-agent-container.socket disabled "after %preun on erase"
+grep -q "container endpoint's socket (imds-agent-container.socket) is off" <<<"$out" || fail "%preun on erase did not say the container socket is off: $out"
 [ -z "$(ls /etc/systemd/system/*.wants/ 2>/dev/null | grep imds)" ] || fail "after %preun on erase: links left: $(ls /etc/systemd/system/*.wants/)"
 
 sh "$S/POSTUN.sh" 1 || fail "%postun exited non-zero on upgrade"

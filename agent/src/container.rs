@@ -7,7 +7,11 @@
 //! `AWS_CONTAINER_CREDENTIALS_FULL_URI`, as the EKS Pod Identity agent
 //! serves them), where containers on a local bridge reach it; there a peer
 //! that is neither a local process nor behind a local bridge is refused at
-//! accept (see `origin`). Both `/credentials` and `/v1/credentials` are
+//! accept (see `origin`). It listens where `--container-endpoint` says, or
+//! on the sockets systemd passes (`imds-agent-container.socket`, see
+//! [`crate::run::Activated`]): systemd binds port 80 of the link, so the
+//! agent needs no capability, and one agent serves the IPv4 and the IPv6
+//! address together. Both `/credentials` and `/v1/credentials` are
 //! served. Every request must carry the token as the raw
 //! `Authorization` value (compared in constant time). Requests that look like
 //! a browser or a DNS-rebinding attempt (a `Host` that is not the address
@@ -27,6 +31,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
 
 use anyhow::bail;
 use axum::Router;
@@ -40,7 +46,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::format::container_credentials_json;
-use crate::http_listener::{Admission, Peer, Refusal, Refusals, ServerLimits, sock_diag};
+use crate::http_listener::{Accept, Admission, Peer, Refusal, Refusals, ServerLimits, sock_diag};
 use crate::metrics::Metrics;
 
 mod instance_profile;
@@ -60,10 +66,17 @@ pub fn is_container_link(ip: IpAddr) -> bool {
     ip == IpAddr::V4(CONTAINER_LINK_V4) || ip == IpAddr::V6(CONTAINER_LINK_V6)
 }
 
+/// Is `ip` an address the endpoint may listen on: loopback, or one of the
+/// container link's? Any other would serve the instance's credentials to
+/// the network.
+pub fn is_accepted(ip: IpAddr) -> bool {
+    ip.is_loopback() || is_container_link(ip)
+}
+
 /// Refuses any address but loopback and the container link's two: any
 /// other would serve the instance's credentials to the network.
 pub fn check_endpoint(addr: &SocketAddr) -> anyhow::Result<()> {
-    if !addr.ip().is_loopback() && !is_container_link(addr.ip()) {
+    if !is_accepted(addr.ip()) {
         bail!(
             "--container-endpoint {addr} is refused: it would serve credentials to the network. \
              Give a loopback address (127.0.0.1:8901 or [::1]:8901), or the container link's \
@@ -76,7 +89,6 @@ pub fn check_endpoint(addr: &SocketAddr) -> anyhow::Result<()> {
 #[derive(Clone)]
 struct App {
     token: SecretString,
-    local: SocketAddr,
     state: watch::Receiver<ProviderState>,
     profile: watch::Receiver<Option<InstanceProfile>>,
     clock: SharedTimeSource,
@@ -207,9 +219,10 @@ fn looks_forged(headers: &HeaderMap, local: &SocketAddr) -> Option<&'static str>
 async fn credentials(
     State(app): State<App>,
     Extension(peer): Extension<Peer>,
+    Extension(Local(local)): Extension<Local>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(why) = looks_forged(&headers, &app.local) {
+    if let Some(why) = looks_forged(&headers, &local) {
         return refuse_and_close(&app, &peer, Refusal::Forged, ErrorCode::AccessDenied, why);
     }
     let given = headers
@@ -390,7 +403,31 @@ pub async fn serve_for_consumers(
     consumers: Option<ContainerConsumers>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let local = listener.local_addr()?;
+    let listeners = vec![listener];
+    serve_all(
+        listeners, token, state, clock, metrics, imds, consumers, shutdown,
+    )
+    .await
+}
+
+/// As [`serve_for_consumers`], on every listener in `listeners` at once
+/// (the IPv4 and IPv6 sockets systemd passes, say): one server, so the
+/// connection caps are shared, as if the listeners were one. Each request's
+/// `Host` is checked against the address its connection came in on.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_all(
+    listeners: Vec<TcpListener>,
+    token: SecretString,
+    state: watch::Receiver<ProviderState>,
+    clock: SharedTimeSource,
+    metrics: Arc<Metrics>,
+    imds: Option<ImdsClient>,
+    consumers: Option<ContainerConsumers>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if listeners.is_empty() {
+        bail!("the container endpoint was given no socket to listen on");
+    }
     let refusals = Arc::new(Refusals::new("container", metrics));
     let (profile_tx, profile) = watch::channel(None);
     // Aborted when the endpoint stops (the guard drops).
@@ -406,16 +443,20 @@ pub async fn serve_for_consumers(
         .route("/v1/credentials", get(credentials))
         .with_state(App {
             token,
-            local,
             state,
             profile,
             clock,
             refusals: refusals.clone(),
             consumers,
         });
-    let admit = |stream: &TcpStream| match peer_of(stream) {
-        Some(peer) => Admission::Serve(peer, app.clone().layer(Extension(peer))),
-        None => Admission::Refuse(
+    let admit = |stream: &TcpStream| match (peer_of(stream), stream.local_addr()) {
+        (Some(peer), Ok(local)) => Admission::Serve(
+            peer,
+            app.clone()
+                .layer(Extension(peer))
+                .layer(Extension(Local(local))),
+        ),
+        _ => Admission::Refuse(
             Peer {
                 addr: stream.peer_addr().ok().map(|a| a.ip()),
                 ..Peer::default()
@@ -424,7 +465,10 @@ pub async fn serve_for_consumers(
         ),
     };
     crate::http_listener::serve_limited(
-        listener,
+        Listeners {
+            listeners,
+            first: AtomicUsize::new(0),
+        },
         ServerLimits::default(),
         refusals,
         admit,
@@ -432,6 +476,44 @@ pub async fn serve_for_consumers(
     )
     .await;
     Ok(())
+}
+
+/// The address a connection came in on: what its `Host` must name.
+#[derive(Debug, Clone, Copy)]
+struct Local(SocketAddr);
+
+/// Several listeners accepted from as one. Each accept starts with the
+/// next listener in turn, so a flood on one cannot starve the others.
+struct Listeners {
+    listeners: Vec<TcpListener>,
+    first: AtomicUsize,
+}
+
+impl Accept for Listeners {
+    type Stream = TcpStream;
+
+    async fn next(&self) -> std::io::Result<TcpStream> {
+        let count = self.listeners.len();
+        let first = self.first.fetch_add(1, Ordering::Relaxed) % count;
+        std::future::poll_fn(|cx| {
+            for i in 0..count {
+                let listener = &self.listeners[(first + i) % count];
+                if let Poll::Ready(accepted) = listener.poll_accept(cx) {
+                    return Poll::Ready(accepted.map(|(stream, _)| stream));
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn write_now(stream: &TcpStream, bytes: &[u8]) {
+        <TcpListener as Accept>::write_now(stream, bytes);
+    }
+
+    fn read_now(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+        <TcpListener as Accept>::read_now(stream, buf)
+    }
 }
 
 /// Aborts a spawned task when dropped.

@@ -161,7 +161,7 @@ pub async fn run(
         }
     };
     let inherited = crate::run::Inherited {
-        activated: None,
+        activated: crate::run::Activated::default(),
         notifier: crate::notify::Notifier::from_env()?,
     };
     let result = crate::run::run(run_args, inherited, stop, reloads).await;

@@ -13,7 +13,11 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     // Socket activation: read LISTEN_FDS before any thread exists, since
-    // reading it clears the LISTEN_* variables from the environment.
+    // reading it clears LISTEN_FDS and LISTEN_PID from the environment; and
+    // the names systemd gave the sockets (LISTEN_FDNAMES, which listenfd
+    // leaves alone), which tell the credential socket from the container
+    // endpoint's (see `imds_agent::run::Activated`).
+    let listen_fd_names = std::env::var("LISTEN_FDNAMES").ok();
     let mut listen_fds = listenfd::ListenFd::from_env();
     // Then, before anything else (even the command line), the signal
     // handlers: a SIGHUP or SIGTERM during start-up must never kill the
@@ -28,7 +32,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let json_logs = matches!(&cli.command, Command::Run(args) if args.log_format == "json");
     init_logging(json_logs);
-    let result = runtime.block_on(run(cli, &mut listen_fds, signals));
+    let result = runtime.block_on(run(
+        cli,
+        &mut listen_fds,
+        listen_fd_names.as_deref(),
+        signals,
+    ));
     // A write stuck in the kernel (a hung file system) must not hold the
     // exit: blocking threads get a moment to finish, then are abandoned.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
@@ -61,14 +70,14 @@ fn start_runtime() -> anyhow::Result<(tokio::runtime::Runtime, Signals)> {
 async fn run(
     cli: Cli,
     listen_fds: &mut listenfd::ListenFd,
+    listen_fd_names: Option<&str>,
     signals: Signals,
 ) -> anyhow::Result<()> {
     let (shutdown, reloads) = signals.split();
     match cli.command {
         Command::Run(args) => {
-            let activated = listen_fds
-                .take_unix_listener(0)
-                .context("taking the socket passed by systemd (LISTEN_FDS)")?;
+            let activated = imds_agent::run::Activated::take(listen_fds, listen_fd_names)
+                .context("taking the sockets passed by systemd (LISTEN_FDS)")?;
             let notifier = imds_agent::notify::Notifier::from_env()
                 .context("opening systemd's notify socket (NOTIFY_SOCKET)")?;
             let inherited = imds_agent::run::Inherited {

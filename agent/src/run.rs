@@ -23,6 +23,10 @@ use crate::shutdown::Shutdown;
 use crate::signals::Reloads;
 use crate::sink::{CredentialsFileSink, FileOptions, JsonFileSink, Sink};
 
+mod activation;
+
+pub use activation::{Activated, CONTAINER_NAME, CREDENTIALS_NAME};
+
 /// Checks the flags before anything starts.
 pub fn validate(args: &RunArgs) -> anyhow::Result<()> {
     validate_outputs(args, false)
@@ -226,12 +230,21 @@ pub fn sinks(args: &RunArgs) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
 /// Reads and validates `--config` (every problem with file, line and key),
 /// before anything starts. `None` without `--config`.
 pub fn load_config(args: &RunArgs) -> anyhow::Result<Option<crate::broker::config::Config>> {
+    load_config_for(args, args.container_endpoint.is_some())
+}
+
+/// [`load_config`], for an agent that serves the container endpoint or not
+/// (from `--container-endpoint` or from sockets systemd passed).
+fn load_config_for(
+    args: &RunArgs,
+    container_endpoint: bool,
+) -> anyhow::Result<Option<crate::broker::config::Config>> {
     let Some(path) = &args.config else {
         return Ok(None);
     };
     let config = crate::broker::config::Config::load(path)?;
     if args.socket.is_none()
-        && args.container_endpoint.is_none()
+        && !container_endpoint
         && config
             .files()
             .all(|(_, key, _)| key == "container_token_file")
@@ -242,7 +255,7 @@ pub fn load_config(args: &RunArgs) -> anyhow::Result<Option<crate::broker::confi
              credentials"
         );
     }
-    if args.container_endpoint.is_none() {
+    if !container_endpoint {
         for (consumer, key, file) in config
             .files()
             .filter(|(_, key, _)| *key == "container_token_file")
@@ -302,12 +315,47 @@ fn consumers(
     })
 }
 
-/// What `main` hands the agent from the process's start: the socket systemd
+/// The container endpoint's listeners: the ones systemd passed, else
+/// `--container-endpoint` bound (none without either).
+async fn container_listeners(
+    args: &RunArgs,
+    activated: Vec<std::net::TcpListener>,
+) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+    if activated.is_empty() {
+        let Some(addr) = args.container_endpoint else {
+            return Ok(Vec::new());
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the container endpoint {addr}"))?;
+        return Ok(vec![listener]);
+    }
+    if let Some(addr) = args.container_endpoint {
+        tracing::warn!(
+            container_endpoint = %addr,
+            "systemd passed the container endpoint's sockets: --container-endpoint is not bound"
+        );
+    }
+    activated
+        .into_iter()
+        .map(|listener| {
+            listener
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(listener))
+                .context("adopting a container endpoint socket passed by systemd")
+        })
+        .collect()
+}
+
+/// What `main` hands the agent from the process's start: the sockets systemd
 /// passed (socket activation) and systemd's notify socket.
 #[derive(Debug)]
 pub struct Inherited {
-    /// A listening socket passed by systemd, used instead of binding `--socket`.
-    pub activated: Option<std::os::unix::net::UnixListener>,
+    /// The listening sockets systemd passed, each checked and sorted by
+    /// its name ([`Activated::take`]): the credential socket, used instead
+    /// of binding `--socket`, and the container endpoint's, used instead of
+    /// binding `--container-endpoint`.
+    pub activated: Activated,
     /// systemd's notify socket (a no-op outside systemd).
     pub notifier: Notifier,
 }
@@ -325,8 +373,16 @@ pub async fn run(
         notifier,
     } = inherited;
     let shutdown = Shutdown::on(shutdown);
-    validate_outputs(&args, activated.is_some())?;
-    let config = load_config(&args)?;
+    let Activated {
+        socket: activated,
+        container: activated_container,
+    } = activated;
+    validate_outputs(
+        &args,
+        activated.is_some() || !activated_container.is_empty(),
+    )?;
+    let container_listeners = container_listeners(&args, activated_container).await?;
+    let config = load_config_for(&args, !container_listeners.is_empty())?;
     let metrics = Arc::new(Metrics::default());
     let provider = provider(&args, metrics.clone())?;
     let sinks = sinks(&args)?;
@@ -426,7 +482,7 @@ pub async fn run(
             Ok(())
         }));
     }
-    if let Some(addr) = args.container_endpoint {
+    if !container_listeners.is_empty() {
         let token = crate::token_file::load_or_create(&args.container_token_file)?;
         let container_consumers = match &consumers {
             Some(consumers) => Some(crate::container::ContainerConsumers {
@@ -437,18 +493,17 @@ pub async fn run(
             }),
             None => None,
         };
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the container endpoint {addr}"))?;
-        let local = listener.local_addr()?;
-        tracing::info!(
-            "container endpoint ready: AWS_CONTAINER_CREDENTIALS_FULL_URI=http://{local}/v1/credentials AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={}",
-            args.container_token_file.display()
-        );
+        for listener in &container_listeners {
+            let local = listener.local_addr()?;
+            tracing::info!(
+                "container endpoint ready: AWS_CONTAINER_CREDENTIALS_FULL_URI=http://{local}/v1/credentials AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={}",
+                args.container_token_file.display()
+            );
+        }
         servers.push(Server::new(
             "container endpoint",
-            crate::container::serve_for_consumers(
-                listener,
+            crate::container::serve_all(
+                container_listeners,
                 token,
                 provider.subscribe(),
                 clock.clone(),
