@@ -375,6 +375,12 @@ async fn a_token_file_a_stranger_planted_or_can_read_stops_the_agent() {
             port = crate::util::listening_ports(pid).first().copied();
             port.is_some() || running.try_status().is_some()
         });
+        if let Some(port) = port {
+            failures.push(format!(
+                "{}: the agent listened on the container endpoint (port {port}) before refusing the token file ({why})",
+                token_file.display()
+            ));
+        }
         // The stranger asks with the token it knows, until credentials are
         // loaded (200) or nothing listens.
         let got = port.and_then(|port| {

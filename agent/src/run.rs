@@ -381,6 +381,16 @@ pub async fn run(
         &args,
         activated.is_some() || !activated_container.is_empty(),
     )?;
+    // The token file is checked (and made if missing) before any container
+    // socket is bound: an agent about to refuse a planted or readable token
+    // never listens, not even for a moment.
+    let container_token = if args.container_endpoint.is_some() || !activated_container.is_empty() {
+        Some(crate::token_file::load_or_create(
+            &args.container_token_file,
+        )?)
+    } else {
+        None
+    };
     let container_listeners = container_listeners(&args, activated_container).await?;
     let config = load_config_for(&args, !container_listeners.is_empty())?;
     let metrics = Arc::new(Metrics::default());
@@ -482,8 +492,7 @@ pub async fn run(
             Ok(())
         }));
     }
-    if !container_listeners.is_empty() {
-        let token = crate::token_file::load_or_create(&args.container_token_file)?;
+    if let Some(token) = container_token.filter(|_| !container_listeners.is_empty()) {
         let container_consumers = match &consumers {
             Some(consumers) => Some(crate::container::ContainerConsumers {
                 tokens: Arc::new(crate::broker::tokens::ConsumerTokens::load(
