@@ -68,6 +68,29 @@ impl AccessPolicy {
     }
 }
 
+/// The gids that can change what a peer gets: the allow-list's and the
+/// consumers'. A peer's other supplementary groups are dropped at accept,
+/// so a connection keeps at most this many, however many the peer has.
+#[derive(Debug)]
+struct NamedGroups(std::collections::HashSet<u32>);
+
+impl NamedGroups {
+    fn new(policy: &AccessPolicy, config: Option<&crate::broker::config::Config>) -> Self {
+        let mut gids: std::collections::HashSet<u32> = policy.gids.iter().copied().collect();
+        gids.extend(config.into_iter().flat_map(|c| c.gids()));
+        Self(gids)
+    }
+
+    /// The groups among `groups` that the allow-list or a consumer names.
+    fn keep(&self, groups: &[u32]) -> Arc<[u32]> {
+        groups
+            .iter()
+            .copied()
+            .filter(|g| self.0.contains(g))
+            .collect()
+    }
+}
+
 /// The credential socket's settings: what it serves, and to whom.
 #[derive(Debug)]
 pub struct CredentialSocket {
@@ -434,10 +457,9 @@ async fn refresh(State(app): State<App>, peer: Option<Extension<PeerId>>) -> Res
     let consumer = match (&app.consumers, peer) {
         (Some(consumers), Some(Extension(peer))) => {
             let state = app.state.borrow().clone();
-            if let Match::Denied | Match::Ambiguous(_) =
-                consumers
-                    .config
-                    .consumer_for(peer.uid, peer.gid, &peer.groups)
+            if let Match::Denied | Match::Ambiguous(_) | Match::GroupsUnknown = consumers
+                .config
+                .consumer_for(peer.uid, peer.gid, peer.groups.as_deref())
             {
                 return for_consumer(consumers, &peer, &state, &app.clock).await;
             }
@@ -524,6 +546,7 @@ pub async fn serve(
         metrics_at,
         consumers,
     } = socket;
+    let consumers_config = consumers.as_ref().map(|c| c.config.clone());
     let app = router(App {
         state,
         metrics: metrics.clone(),
@@ -533,7 +556,10 @@ pub async fn serve(
         consumers,
     });
     let refusals = Arc::new(Refusals::new("socket", metrics));
-    let admit = |stream: &UnixStream| match stream.peer_cred() {
+    let named = NamedGroups::new(&policy, consumers_config.as_deref());
+    // One buffer for every peer's groups (up to 65,536 of them).
+    let mut buffer = Vec::new();
+    let admit = move |stream: &UnixStream| match stream.peer_cred() {
         Ok(cred) => {
             let peer = Peer {
                 uid: Some(cred.uid()),
@@ -541,12 +567,19 @@ pub async fn serve(
                 pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
                 addr: None,
             };
-            let groups = crate::peer_groups::read_or_none(stream).unwrap_or_default();
-            if policy.allows(cred.uid(), cred.gid(), &groups) {
+            // Unknown groups allow nothing here (fail closed), and the
+            // config refuses to widen such a peer (`Match::GroupsUnknown`).
+            let groups =
+                crate::peer_groups::read_or_none(stream, &mut buffer).map(|g| named.keep(g));
+            if policy.allows(
+                cred.uid(),
+                cred.gid(),
+                groups.as_deref().unwrap_or_default(),
+            ) {
                 let id = PeerId {
                     uid: cred.uid(),
                     gid: cred.gid(),
-                    groups: groups.into(),
+                    groups,
                     pid: peer.pid,
                 };
                 Admission::Serve(peer, app.clone().layer(Extension(id)))
@@ -717,6 +750,30 @@ mod tests {
         got.etag
             .clone()
             .unwrap_or_else(|| panic!("expected an ETag in {got:?}"))
+    }
+
+    /// A peer may have 65,536 supplementary groups: a connection keeps
+    /// only those the allow-list or a consumer names, so what it holds is
+    /// bounded by the config, not by the peer.
+    #[test]
+    fn a_connection_keeps_only_the_groups_the_allow_list_or_a_consumer_names() {
+        let policy = AccessPolicy {
+            uids: vec![],
+            gids: vec![4000],
+        };
+        let config = crate::broker::config::Config::parse(
+            "[[consumer]]\nname = \"billing\"\ngids = [3000]\n",
+            std::path::Path::new("/etc/imds-agent/agent.toml"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let named = NamedGroups::new(&policy, Some(&config));
+        let many: Vec<u32> = (0..65_536).collect();
+        assert_eq!(&named.keep(&many)[..], &[3000, 4000]);
+        assert!(
+            NamedGroups::new(&AccessPolicy::default(), None)
+                .keep(&many)
+                .is_empty()
+        );
     }
 
     #[tokio::test(start_paused = true)]

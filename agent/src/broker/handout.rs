@@ -52,9 +52,12 @@ pub struct PeerId {
     pub uid: u32,
     /// Primary gid (`SO_PEERCRED`).
     pub gid: u32,
-    /// Supplementary groups (`SO_PEERGROUPS`, [`crate::peer_groups`]);
-    /// empty when the kernel could not say (before Linux 4.13).
-    pub groups: Arc<[u32]>,
+    /// Supplementary groups (`SO_PEERGROUPS`, [`crate::peer_groups`]), only
+    /// those the config or the socket's allow-list name (the others cannot
+    /// change what the peer gets, and a peer may have 65,536); `None` when
+    /// the kernel could not say (before Linux 4.13): the peer is then never
+    /// widened to the instance role ([`Match::GroupsUnknown`]).
+    pub groups: Option<Arc<[u32]>>,
     /// Pid at connect time, when known.
     pub pid: Option<u32>,
 }
@@ -84,7 +87,10 @@ impl Consumers {
                 .path()
                 .map_or_else(|| "the config".to_owned(), |p| p.display().to_string())
         };
-        match self.config.consumer_for(peer.uid, peer.gid, &peer.groups) {
+        match self
+            .config
+            .consumer_for(peer.uid, peer.gid, peer.groups.as_deref())
+        {
             Match::Consumer(consumer) => Answer::Consumer {
                 name: consumer.name.clone(),
                 result: self.broker.credentials(&consumer.name, state).await,
@@ -93,11 +99,23 @@ impl Consumers {
             Match::Denied => {
                 self.broker.count_refusal(false);
                 Answer::Denied(format!(
-                    "uid {} (primary gid {}, groups {:?}) matches no consumer in {} and unmatched = \"deny\": \
+                    "uid {} (primary gid {}; no supplementary group of it is a consumer's) matches no consumer \
+                     in {} and unmatched = \"deny\": \
                      add the uid or a gid to a consumer's uids/gids, or set unmatched = \"instance-role\"",
                     peer.uid,
                     peer.gid,
-                    &peer.groups[..],
+                    file(),
+                ))
+            }
+            Match::GroupsUnknown => {
+                self.broker.count_refusal(false);
+                Answer::Denied(format!(
+                    "uid {} (primary gid {}) matches no consumer in {} by uid or primary gid, and its \
+                     supplementary groups could not be read (SO_PEERGROUPS needs Linux 4.13 or later), \
+                     so it may be in a consumer's gids: refused rather than serving the whole instance role; \
+                     list the uid or its primary gid in the consumer it belongs to",
+                    peer.uid,
+                    peer.gid,
                     file(),
                 ))
             }
@@ -264,7 +282,8 @@ impl Consumers {
     /// `imds_agent_consumer_session_expiry_seconds{consumer}` (0 without one),
     /// and `imds_agent_consumer_refused_requests_total{reason}`: socket
     /// requests refused because the peer matches no consumer
-    /// (`no_consumer`) or because its groups lead to two or more consumers
+    /// (`no_consumer`, also counting a peer whose groups could not be read,
+    /// [`Match::GroupsUnknown`]) or because its groups lead to two or more consumers
     /// (`ambiguous_groups`).
     pub fn render_metrics(&self, now: std::time::SystemTime) -> String {
         let mut status = self.broker.status();
@@ -349,7 +368,7 @@ mod tests {
         PeerId {
             uid,
             gid,
-            groups: groups.into(),
+            groups: Some(groups.into()),
             pid: None,
         }
     }
@@ -390,11 +409,55 @@ mod tests {
             panic!("expected a refusal, got {answer:?}")
         };
         assert!(
-            reason.starts_with("uid 1500 (primary gid 100, groups [7]) matches no consumer"),
+            reason.starts_with(
+                "uid 1500 (primary gid 100; no supplementary group of it is a consumer's) matches no consumer"
+            ),
             "{reason}"
         );
         let render = consumers.render_metrics(std::time::SystemTime::UNIX_EPOCH);
         assert_eq!(refused(&render, "ambiguous_groups"), 1, "{render}");
         assert_eq!(refused(&render, "no_consumer"), 1, "{render}");
+    }
+
+    /// A peer with as many groups as Linux allows: its refusal (the 403's
+    /// body, and the audit record of every request) stays short instead of
+    /// listing 65,536 groups each time.
+    #[tokio::test]
+    async fn a_refusal_of_a_peer_with_65536_groups_is_short() {
+        let consumers = consumers("[[consumer]]\nname = \"billing\"\ngids = [3000]\n");
+        let many: Vec<u32> = (100_000..100_000 + 65_536).collect();
+        let answer = consumers
+            .answer(&peer(1500, 100, &many), &ProviderState::Starting)
+            .await;
+        let Answer::Denied(reason) = answer else {
+            panic!("expected a refusal, got {answer:?}")
+        };
+        assert!(
+            reason.len() < 1024,
+            "expected a refusal under 1 KiB, got {} bytes: {}…",
+            reason.len(),
+            &reason[..200]
+        );
+    }
+
+    /// Unknown supplementary groups with `unmatched = "instance-role"`: a
+    /// 403 that says why, never the whole role.
+    #[tokio::test]
+    async fn a_peer_whose_groups_are_unknown_is_refused_not_widened() {
+        let consumers = consumers(
+            "unmatched = \"instance-role\"\n[[consumer]]\nname = \"billing\"\ngids = [3000]\n",
+        );
+        let unknown = PeerId {
+            groups: None,
+            ..peer(1500, 100, &[])
+        };
+        let answer = consumers.answer(&unknown, &ProviderState::Starting).await;
+        let Answer::Denied(reason) = answer else {
+            panic!("expected a refusal for unknown groups, got {answer:?}")
+        };
+        assert!(
+            reason.contains("could not be read") && reason.contains("list the uid"),
+            "{reason}"
+        );
     }
 }
