@@ -461,3 +461,95 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod exe_tests {
+    //! The peer's executable name is the one field of an audit record a
+    //! peer chooses freely: it names its binary. A newline in that name
+    //! must not start a forged record, in text or in JSON.
+
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The log of one audit record of `peer`, in text or JSON.
+    fn logged(json: bool, peer: &PeerId) -> String {
+        let buffer = Buffer::default();
+        let writer = {
+            let buffer = buffer.clone();
+            move || buffer.clone()
+        };
+        let builder = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(writer);
+        let record = || audit("billing", "socket", peer, None, "denied", Some("r"));
+        if json {
+            tracing::subscriber::with_default(builder.json().finish(), record);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), record);
+        }
+        String::from_utf8(buffer.0.lock().unwrap().clone()).expect("UTF-8 log")
+    }
+
+    #[test]
+    fn a_newline_in_the_peer_s_executable_cannot_forge_a_record() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let exe = dir
+            .path()
+            .join("app\nFORGED imds_agent::audit: credentials handed out result=\"served\"");
+        std::fs::copy("/bin/sleep", &exe).expect("a copy of sleep with a newline in its name");
+        let mut child = std::process::Command::new(&exe)
+            .arg("30")
+            .spawn()
+            .expect("running it");
+        let peer = PeerId {
+            uid: 1500,
+            gid: 1500,
+            groups: Some(Arc::from([])),
+            pid: Some(child.id()),
+        };
+        let seen = executable(peer.pid);
+        let text = logged(false, &peer);
+        let json = logged(true, &peer);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            seen.as_deref().is_some_and(|e| e.contains("app\nFORGED")),
+            "expected the agent to read the executable's name, read {seen:?}"
+        );
+        for (format, log) in [("text", &text), ("json", &json)] {
+            assert_eq!(
+                log.lines().count(),
+                1,
+                "expected one {format} line for one record, got:\n{log}"
+            );
+            assert!(
+                log.contains("app\\nFORGED"),
+                "expected the newline escaped in {format}: {log}"
+            );
+        }
+        let record: serde_json::Value = serde_json::from_str(json.trim()).expect("one JSON object");
+        assert!(
+            record["fields"]["exe"]
+                .as_str()
+                .is_some_and(|e| e.ends_with(
+                    "app\nFORGED imds_agent::audit: credentials handed out result=\"served\""
+                )),
+            "{record}"
+        );
+    }
+}
