@@ -6,7 +6,10 @@
 //!
 //! Every hand-out and every refusal of credentials to a consumer (or, with a
 //! config file, to an unmatched peer) is one log record with target
-//! `imds_agent::audit`: `consumer`, `output`, the peer's `uid`/`gid`/`pid`
+//! `imds_agent::audit` (on the credential socket, a peer the config refuses
+//! is recorded in full at most once per uid every 10 s, the refusals
+//! between counted in one record, so a looping client cannot flood the
+//! log; see `server`): `consumer`, `output`, the peer's `uid`/`gid`/`pid`
 //! and `exe` (the target of `/proc/PID/exe`, when the agent may read it:
 //! the unit's `ProtectProc=invisible` and a peer of another user usually
 //! hide it, and a pid read at connect time may belong to another process
