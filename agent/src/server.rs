@@ -982,6 +982,40 @@ mod tests {
         assert_ne!(etag(&detached), etag(&changed));
     }
 
+    /// A 304 carries the `ETag` and nothing of a body: no content headers
+    /// (a client must not take it for an empty credentials document).
+    #[tokio::test(start_paused = true)]
+    async fn a_304_has_the_tag_and_no_body_or_content_headers() {
+        let socket = Socket::start(active("r", "ASIAFIRST", at(3600)));
+        let tag = etag(&socket.get("/credentials").await);
+        let mut stream = tokio::net::UnixStream::connect(&socket.path).await.unwrap();
+        stream
+            .write_all(
+                format!(
+                    "GET /credentials?since={} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+                    bare(&tag)
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        assert!(head.starts_with("HTTP/1.1 304 "), "{raw:?}");
+        assert!(head.lines().any(|l| l == format!("etag: {tag}")), "{raw:?}");
+        let lower = head.to_ascii_lowercase();
+        assert!(
+            !lower.contains("content-type:"),
+            "expected no content type on a 304: {raw:?}"
+        );
+        assert!(
+            !lower.contains("content-length:") || lower.contains("content-length: 0"),
+            "expected no content length (or 0) on a 304: {raw:?}"
+        );
+        assert_eq!(body, "", "expected no body on a 304: {raw:?}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_stale_or_malformed_since_is_answered_at_once() {
         let socket = Socket::start(active("r", "ASIAFIRST", at(3600)));
