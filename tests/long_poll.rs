@@ -287,3 +287,97 @@ async fn a_consumers_long_poll_is_woken_by_its_new_session() {
     let status = running.stop_with(Signal::TERM);
     assert!(status.success(), "the agent's exit status: {status}");
 }
+
+/// Long-polls hold connections like any other request: a user's waiting
+/// long-polls count against its share (64 connections per uid), its next
+/// connection is refused at once (503), and another user is still served.
+/// So a user cannot take more than its share by waiting, nor starve others.
+#[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_users_long_polls_count_against_its_share_and_others_are_still_served() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    let imds = MockImds::builder().role("r").start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("agent.sock");
+    let group = Stranger::new().gid;
+    let mut cmd = agent_against(&imds);
+    cmd.arg("--socket")
+        .arg(&socket)
+        .args(["--socket-mode", "0660", "--socket-group"])
+        .arg(group.to_string())
+        .arg("--metrics-socket")
+        .arg(metrics_socket_of(&socket));
+    let running = Running::start(cmd);
+    wait_for_served_credentials(&socket);
+    let tag = etag_of(&unix_request(&socket, "GET", "/credentials").unwrap());
+    let share = 64;
+
+    let (flooder, other) = (Stranger::new(), Stranger::new());
+    let before = requests(&socket);
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let flood = {
+        let (socket, tag) = (socket.clone(), tag.clone());
+        std::thread::spawn(move || {
+            become_user(flooder, group);
+            let polls: Vec<UnixStream> = (0..share)
+                .map(|_| {
+                    let mut s = UnixStream::connect(&socket).expect("connect");
+                    write!(
+                        s,
+                        "GET /credentials?wait=300&since={tag} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                    )
+                    .expect("writing a long-poll");
+                    s
+                })
+                .collect();
+            held_tx.send(()).unwrap();
+            // One more, while the share is held by waiting long-polls.
+            let more = unix_request(&socket, "GET", "/credentials").expect("an answer");
+            release_rx.recv().unwrap();
+            (polls, more)
+        })
+    };
+    held_rx.recv().unwrap();
+    wait_for("the agent to be handling every long-poll", || {
+        requests(&socket) >= before + share
+    });
+    let other_got = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            become_user(other, group);
+            unix_request(&socket, "GET", "/credentials").expect("an answer")
+        })
+    };
+    let other_got = other_got.join().expect("the other user's thread");
+    release_tx.send(()).unwrap();
+    let (polls, more) = flood.join().expect("the flooder's thread");
+    assert_eq!(
+        more.status, 503,
+        "expected the connection past the user's share of {share} to be refused, got {more:?}"
+    );
+    assert!(
+        more.body.contains("too many connections from this user"),
+        "{more:?}"
+    );
+    assert_eq!(
+        other_got.status, 200,
+        "expected another user to be served while the flooder waits, got {other_got:?}"
+    );
+
+    // The long-polls were waiting all along: SIGTERM answers each one.
+    let status = running.stop_with(Signal::TERM);
+    assert!(status.success(), "the agent's exit status: {status}");
+    for mut poll in polls {
+        poll.set_read_timeout(Some(crate::util::PATIENCE)).unwrap();
+        let mut raw = String::new();
+        let _ = poll.read_to_string(&mut raw);
+        assert!(
+            raw.starts_with("HTTP/1.1 503"),
+            "expected a waiting long-poll to be answered 503 at shutdown, got {raw:?}"
+        );
+    }
+}

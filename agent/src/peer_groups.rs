@@ -13,7 +13,8 @@
 //! pid is reused by a process with other groups), and the unit's
 //! `ProtectProc=invisible` hides it anyway. So the agent never falls back
 //! to `/proc`: on a kernel without `SO_PEERGROUPS` ([`read_or_none`]) a
-//! peer is matched by its uid and primary gid only, as before.
+//! peer is matched by its uid and primary gid only, and never given the
+//! instance role in place of a consumer its groups might have matched.
 //!
 //! rustix has no wrapper for this option, so this module is the agent's one
 //! `unsafe` call: `getsockopt` into a buffer of `gid_t`.
@@ -37,10 +38,24 @@ const FIRST_GUESS: usize = 64;
 /// without a peer; `E2BIG` if the peer has more than [`MAX_GROUPS`]
 /// groups (which Linux does not allow).
 pub fn read(socket: impl AsFd) -> io::Result<Vec<u32>> {
+    let mut groups = Vec::new();
+    let n = read_into(socket, &mut groups)?;
+    groups.truncate(n);
+    Ok(groups)
+}
+
+/// As [`read`], into `buffer`, reusing its allocation: returns how many
+/// groups it holds now (`buffer[..n]`; what follows is left over). A
+/// listener reads every peer's groups into one buffer, so a peer with
+/// 65,536 groups costs one 256 KiB buffer for the listener's lifetime, not
+/// an allocation per connection.
+pub fn read_into(socket: impl AsFd, buffer: &mut Vec<u32>) -> io::Result<usize> {
     let fd = socket.as_fd().as_raw_fd();
-    let mut groups: Vec<libc::gid_t> = vec![0; FIRST_GUESS];
+    if buffer.len() < FIRST_GUESS {
+        buffer.resize(FIRST_GUESS, 0);
+    }
     loop {
-        let capacity = groups.len();
+        let capacity = buffer.len();
         let mut len = libc::socklen_t::try_from(capacity * size_of::<libc::gid_t>())
             .map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
         #[allow(
@@ -48,24 +63,23 @@ pub fn read(socket: impl AsFd) -> io::Result<Vec<u32>> {
             reason = "rustix has no SO_PEERGROUPS: one getsockopt into a buffer we own"
         )]
         // SAFETY: `fd` is a descriptor borrowed from `socket` for the whole
-        // call; `groups` is a live, initialised buffer of `capacity` gid_t,
-        // i.e. exactly `len` bytes, and the kernel writes at most `len`
-        // bytes there (when the groups do not fit it writes none, sets `len`
-        // to the size needed and fails with ERANGE). `len` is a valid,
-        // exclusively borrowed socklen_t the kernel updates.
+        // call; `buffer` is a live, initialised buffer of `capacity` u32
+        // (gid_t is u32 on Linux), i.e. exactly `len` bytes, and the kernel
+        // writes at most `len` bytes there (when the groups do not fit it
+        // writes none, sets `len` to the size needed and fails with ERANGE).
+        // `len` is a valid, exclusively borrowed socklen_t the kernel updates.
         let rc = unsafe {
             libc::getsockopt(
                 fd,
                 libc::SOL_SOCKET,
                 libc::SO_PEERGROUPS,
-                groups.as_mut_ptr().cast(),
+                buffer.as_mut_ptr().cast(),
                 &mut len,
             )
         };
         let needed = len as usize / size_of::<libc::gid_t>();
         if rc == 0 {
-            groups.truncate(needed.min(capacity));
-            return Ok(groups);
+            return Ok(needed.min(capacity));
         }
         let error = io::Error::last_os_error();
         if error.raw_os_error() != Some(libc::ERANGE) {
@@ -79,24 +93,25 @@ pub fn read(socket: impl AsFd) -> io::Result<Vec<u32>> {
         if grown <= capacity {
             return Err(io::Error::from_raw_os_error(libc::E2BIG));
         }
-        groups.resize(grown, 0);
+        buffer.resize(grown, 0);
     }
 }
 
-/// As [`read`], but a failure (an old kernel without `SO_PEERGROUPS`, or
-/// anything else) gives `None`: the peer is then matched by its uid and
-/// primary gid only. The first failure is logged at debug level, once per
-/// process; `/proc` is never consulted instead (module docs).
-pub fn read_or_none(socket: impl AsFd) -> Option<Vec<u32>> {
+/// As [`read_into`], but a failure (an old kernel without `SO_PEERGROUPS`,
+/// or anything else) gives `None`: the peer's groups are unknown, and it
+/// is matched fail-closed ([`crate::broker::config::Match::GroupsUnknown`]).
+/// The first failure is logged at debug level, once per process; `/proc`
+/// is never consulted instead (module docs).
+pub fn read_or_none(socket: impl AsFd, buffer: &mut Vec<u32>) -> Option<&[u32]> {
     static LOGGED: AtomicBool = AtomicBool::new(false);
-    match read(socket) {
-        Ok(groups) => Some(groups),
+    match read_into(socket, buffer) {
+        Ok(n) => Some(&buffer[..n]),
         Err(error) => {
             if !LOGGED.swap(true, Ordering::Relaxed) {
                 tracing::debug!(
                     %error,
                     "could not read a socket peer's supplementary groups (SO_PEERGROUPS needs Linux 4.13 or later): \
-                     peers are matched by uid and primary gid only"
+                     peers are matched by uid and primary gid only, and never widened to the instance role"
                 );
             }
             None
@@ -125,6 +140,11 @@ mod tests {
             .collect();
         for end in [&a, &b] {
             let read = read(end).expect("SO_PEERGROUPS on a socket pair");
+            // Into a reused buffer longer than the groups: only the first
+            // `n` are this peer's.
+            let mut buffer = vec![u32::MAX; 1000];
+            let n = read_into(end, &mut buffer).expect("SO_PEERGROUPS into a reused buffer");
+            assert_eq!(&buffer[..n], &read[..], "read_into and read disagree");
             assert_eq!(
                 set(&read),
                 set(&own),
@@ -143,7 +163,7 @@ mod tests {
             Some(libc::ENODATA),
             "expected ENODATA (no peer credentials), got {error:?}"
         );
-        assert_eq!(read_or_none(&unconnected), None);
+        assert_eq!(read_or_none(&unconnected, &mut Vec::new()), None);
         let file = tempfile::tempfile().expect("temp file");
         let error = read(&file).expect_err("a file is no socket");
         assert_eq!(error.raw_os_error(), Some(libc::ENOTSOCK), "{error:?}");

@@ -36,7 +36,9 @@ use crate::broker::config::Match;
 use crate::broker::handout::{self, Consumers, PeerId};
 use crate::format::credential_process_json;
 pub use crate::http_listener::ServerLimits;
-use crate::http_listener::{Admission, ConnectionControl, Peer, Refusal, Refusals, serve_limited};
+use crate::http_listener::{
+    Admission, ConnectionControl, Peer, REFUSAL_SUMMARY_INTERVAL, Refusal, Refusals, serve_limited,
+};
 use crate::long_poll::{self, ETag};
 use crate::metrics::Metrics;
 use crate::metrics_listener::health;
@@ -68,6 +70,36 @@ impl AccessPolicy {
     }
 }
 
+/// The gids that can change what a peer gets: the allow-list's and the
+/// consumers'. A peer's other supplementary groups are dropped at accept,
+/// so a connection keeps at most this many, however many the peer has.
+#[derive(Debug)]
+struct NamedGroups(Vec<u32>);
+
+impl NamedGroups {
+    fn new(policy: &AccessPolicy, config: Option<&crate::broker::config::Config>) -> Self {
+        let mut gids: Vec<u32> = policy.gids.clone();
+        gids.extend(config.into_iter().flat_map(|c| c.gids()));
+        gids.sort_unstable();
+        gids.dedup();
+        Self(gids)
+    }
+
+    /// The groups among `groups` that the allow-list or a consumer names:
+    /// a binary search of the (few) named gids per group, no hashing, and
+    /// nothing at all when none is named.
+    fn keep(&self, groups: &[u32]) -> Arc<[u32]> {
+        if self.0.is_empty() {
+            return Arc::from([]);
+        }
+        groups
+            .iter()
+            .copied()
+            .filter(|g| self.0.binary_search(g).is_ok())
+            .collect()
+    }
+}
+
 /// The credential socket's settings: what it serves, and to whom.
 #[derive(Debug)]
 pub struct CredentialSocket {
@@ -91,6 +123,57 @@ pub struct CredentialSocket {
     pub consumers: Option<Consumers>,
 }
 
+/// Refusals by the config (a peer no consumer claims, or whose groups lead
+/// to two) are audited in full at most once per peer uid and reason per
+/// [`REFUSAL_SUMMARY_INTERVAL`]; the ones between are counted, and the
+/// next full record is preceded by one record of how many were not
+/// written. A user who loops on `GET /credentials` so costs a few lines a
+/// minute, not one per request (which would push real audit records past
+/// journald's rate limit); every refusal is still counted in
+/// `imds_agent_consumer_refused_requests_total`.
+#[derive(Debug, Default)]
+struct Denials {
+    /// Per uid and reason: when its last record was written, and refusals since.
+    last: std::sync::Mutex<std::collections::HashMap<(u32, String), (tokio::time::Instant, u64)>>,
+}
+
+/// Uids whose refusals are tracked one by one; beyond, they share one entry.
+const MAX_TRACKED_DENIED: usize = 1024;
+
+/// The entry peers beyond [`MAX_TRACKED_DENIED`] share (no uid is -1).
+const OTHER_UIDS: u32 = u32::MAX;
+
+impl Denials {
+    /// Whether to write the audit record of this refusal of `uid` for
+    /// `reason` now: `Some(refusals of it not written since its last
+    /// record)`, or `None` to count it only.
+    fn record(&self, uid: u32, reason: &str) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut key = (uid, reason.to_owned());
+        if !last.contains_key(&key) && last.len() >= MAX_TRACKED_DENIED {
+            last.retain(|_, (at, _)| now.duration_since(*at) < REFUSAL_SUMMARY_INTERVAL);
+            if last.len() >= MAX_TRACKED_DENIED {
+                key = (OTHER_UIDS, String::new());
+            }
+        }
+        match last.get_mut(&key) {
+            Some((at, skipped)) if now.duration_since(*at) < REFUSAL_SUMMARY_INTERVAL => {
+                *skipped += 1;
+                None
+            }
+            Some((at, skipped)) => {
+                *at = now;
+                Some(std::mem::take(skipped))
+            }
+            None => {
+                last.insert(key, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 struct App {
     state: watch::Receiver<ProviderState>,
@@ -99,6 +182,7 @@ struct App {
     refresher: Refresher,
     metrics_at: Arc<[String]>,
     consumers: Option<Consumers>,
+    denials: Arc<Denials>,
 }
 
 fn router(app: App) -> Router {
@@ -178,9 +262,28 @@ impl Resolved {
         matches!(&self.audit, Some((_, "denied", _)))
     }
 
-    /// The response, audited for `peer` with a config file.
-    fn send(self, peer: Option<&PeerId>) -> Response {
-        if let (Some((consumer, result, reason)), Some(peer)) = (&self.audit, peer) {
+    /// The response, audited for `peer` with a config file (a refusal at
+    /// most once per uid per interval, see [`Denials`]).
+    fn send(self, peer: Option<&PeerId>, denials: &Denials) -> Response {
+        let recorded = match (peer, &self.audit) {
+            (Some(peer), Some((_, "denied", reason))) => {
+                denials.record(peer.uid, reason.as_deref().unwrap_or(""))
+            }
+            _ => Some(0),
+        };
+        if let (Some((consumer, result, reason)), Some(peer), Some(skipped)) =
+            (&self.audit, peer, recorded)
+        {
+            if skipped > 0 {
+                tracing::warn!(
+                    target: "imds_agent::audit",
+                    audit = true,
+                    uid = peer.uid,
+                    result = "denied",
+                    refused = skipped,
+                    "{skipped} more refusals of this uid for this reason were counted, not recorded one by one"
+                );
+            }
             let served = match &self.reply {
                 Reply::Credentials(current) => Some(current),
                 Reply::Error(..) => None,
@@ -214,7 +317,7 @@ async fn credentials(
     let tag = resolved.reply.etag();
     // A refusal is never conditional: it is answered (and audited) every time.
     if !request.holds(tag) || resolved.denied() {
-        return resolved.send(peer.as_ref());
+        return resolved.send(peer.as_ref(), &app.denials);
     }
     let Some(wait) = request.wait else {
         return not_modified(tag);
@@ -237,7 +340,7 @@ async fn credentials(
         () = stopping => stopping_now(),
         () = tokio::time::sleep_until(deadline) => not_modified(tag),
         changed = changed => match changed {
-            Some(resolved) => resolved.send(peer.as_ref()),
+            Some(resolved) => resolved.send(peer.as_ref(), &app.denials),
             None => stopping_now(),
         },
     }
@@ -339,10 +442,11 @@ async fn for_consumer(
     peer: &PeerId,
     state: &ProviderState,
     clock: &SharedTimeSource,
+    denials: &Denials,
 ) -> Response {
     resolve_consumer(consumers, peer, state, clock)
         .await
-        .send(Some(peer))
+        .send(Some(peer), denials)
 }
 
 /// What a peer gets with a config file, with its audit record (not yet written).
@@ -434,12 +538,11 @@ async fn refresh(State(app): State<App>, peer: Option<Extension<PeerId>>) -> Res
     let consumer = match (&app.consumers, peer) {
         (Some(consumers), Some(Extension(peer))) => {
             let state = app.state.borrow().clone();
-            if let Match::Denied | Match::Ambiguous(_) =
-                consumers
-                    .config
-                    .consumer_for(peer.uid, peer.gid, &peer.groups)
+            if let Match::Denied | Match::Ambiguous(_) | Match::GroupsUnknown = consumers
+                .config
+                .consumer_for(peer.uid, peer.gid, peer.groups.as_deref())
             {
-                return for_consumer(consumers, &peer, &state, &app.clock).await;
+                return for_consumer(consumers, &peer, &state, &app.clock, &app.denials).await;
             }
             Some((consumers, peer))
         }
@@ -449,7 +552,7 @@ async fn refresh(State(app): State<App>, peer: Option<Extension<PeerId>>) -> Res
         Answer::Done(Ok(_)) if consumer.is_some() => {
             let (consumers, peer) = consumer.expect("checked");
             let state = app.state.borrow().clone();
-            for_consumer(consumers, &peer, &state, &app.clock).await
+            for_consumer(consumers, &peer, &state, &app.clock, &app.denials).await
         }
         Answer::Done(Ok(current)) => served(&current, &app.clock).into_response(),
         Answer::Done(Err(failure)) if failure.no_role => no_role().into_response(),
@@ -524,6 +627,7 @@ pub async fn serve(
         metrics_at,
         consumers,
     } = socket;
+    let consumers_config = consumers.as_ref().map(|c| c.config.clone());
     let app = router(App {
         state,
         metrics: metrics.clone(),
@@ -531,9 +635,13 @@ pub async fn serve(
         refresher,
         metrics_at: metrics_at.into(),
         consumers,
+        denials: Arc::default(),
     });
     let refusals = Arc::new(Refusals::new("socket", metrics));
-    let admit = |stream: &UnixStream| match stream.peer_cred() {
+    let named = NamedGroups::new(&policy, consumers_config.as_deref());
+    // One buffer for every peer's groups (up to 65,536 of them).
+    let mut buffer = Vec::new();
+    let admit = move |stream: &UnixStream| match stream.peer_cred() {
         Ok(cred) => {
             let peer = Peer {
                 uid: Some(cred.uid()),
@@ -541,12 +649,19 @@ pub async fn serve(
                 pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
                 addr: None,
             };
-            let groups = crate::peer_groups::read_or_none(stream).unwrap_or_default();
-            if policy.allows(cred.uid(), cred.gid(), &groups) {
+            // Unknown groups allow nothing here (fail closed), and the
+            // config refuses to widen such a peer (`Match::GroupsUnknown`).
+            let groups =
+                crate::peer_groups::read_or_none(stream, &mut buffer).map(|g| named.keep(g));
+            if policy.allows(
+                cred.uid(),
+                cred.gid(),
+                groups.as_deref().unwrap_or_default(),
+            ) {
                 let id = PeerId {
                     uid: cred.uid(),
                     gid: cred.gid(),
-                    groups: groups.into(),
+                    groups,
                     pid: peer.pid,
                 };
                 Admission::Serve(peer, app.clone().layer(Extension(id)))
@@ -618,8 +733,42 @@ mod tests {
         body: String,
     }
 
+    /// Consumers whose STS is never reached (a refusal asks nothing).
+    fn consumers(text: &str) -> Consumers {
+        use crate::broker::assumer::StsAssumer;
+        use crate::broker::sts::StsClient;
+        let config = crate::broker::config::Config::parse(
+            text,
+            std::path::Path::new("/etc/imds-agent/agent.toml"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let imds = imds_client::ImdsClient::builder()
+            .endpoint("http://127.0.0.1:9")
+            .unwrap()
+            .build()
+            .unwrap();
+        let assumer = StsAssumer::new(imds, || {
+            StsClient::builder().env(imds_client::config::Env::from_pairs([(
+                "AWS_ENDPOINT_URL_STS",
+                "http://127.0.0.1:9".to_owned(),
+            )]))
+        })
+        .unwrap();
+        let broker = crate::broker::cache::Broker::builder(assumer)
+            .config(&config)
+            .build();
+        Consumers {
+            config: Arc::new(config),
+            broker,
+        }
+    }
+
     impl Socket {
         fn start(state: ProviderState) -> Self {
+            Self::start_with(state, None)
+        }
+
+        fn start_with(state: ProviderState, consumers: Option<Consumers>) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("agent.sock");
             let listener = UnixListener::bind(&path).unwrap();
@@ -637,7 +786,7 @@ mod tests {
                 limits: ServerLimits::default(),
                 refresher,
                 metrics_at: Vec::new(),
-                consumers: None,
+                consumers,
             };
             let server = tokio::spawn(serve(listener, socket, shutdown.wait_owned()));
             Self {
@@ -719,6 +868,79 @@ mod tests {
             .unwrap_or_else(|| panic!("expected an ETag in {got:?}"))
     }
 
+    /// A peer may have 65,536 supplementary groups: a connection keeps
+    /// only those the allow-list or a consumer names, so what it holds is
+    /// bounded by the config, not by the peer.
+    #[test]
+    fn a_connection_keeps_only_the_groups_the_allow_list_or_a_consumer_names() {
+        let policy = AccessPolicy {
+            uids: vec![],
+            gids: vec![4000],
+        };
+        let config = crate::broker::config::Config::parse(
+            "[[consumer]]\nname = \"billing\"\ngids = [3000]\n",
+            std::path::Path::new("/etc/imds-agent/agent.toml"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let named = NamedGroups::new(&policy, Some(&config));
+        let many: Vec<u32> = (0..65_536).collect();
+        assert_eq!(&named.keep(&many)[..], &[3000, 4000]);
+        assert!(
+            NamedGroups::new(&AccessPolicy::default(), None)
+                .keep(&many)
+                .is_empty()
+        );
+    }
+
+    /// A user the config refuses, looping on `GET /credentials`: each
+    /// request is a 403, but the audit log gets one record per interval
+    /// (and then how many were not written), not one per request.
+    #[tokio::test(start_paused = true)]
+    #[tracing_test::traced_test]
+    async fn a_peer_the_config_refuses_is_audited_once_per_interval_not_per_request() {
+        // This test runs as root: uid 0 is no consumer here.
+        let socket = Socket::start_with(
+            active("r", "ASIAFIRST", at(3600)),
+            Some(consumers(
+                "unmatched = \"deny\"\n[[consumer]]\nname = \"billing\"\nuids = [4242]\n",
+            )),
+        );
+        let refused = |lines: &[&str]| {
+            lines
+                .iter()
+                .filter(|l| l.contains("imds_agent::audit") && l.contains("credentials refused"))
+                .count()
+        };
+        let started = tokio::time::Instant::now();
+        for _ in 0..50 {
+            let got = socket.get("/credentials").await;
+            assert_eq!(got.status, 403, "{got:?}");
+        }
+        assert!(
+            started.elapsed() < REFUSAL_SUMMARY_INTERVAL,
+            "the 50 requests took {:?} of tokio time",
+            started.elapsed()
+        );
+        logs_assert(|lines| match refused(lines) {
+            1 => Ok(()),
+            n => Err(format!(
+                "expected one audit record for 50 refusals within {REFUSAL_SUMMARY_INTERVAL:?}, saw {n}"
+            )),
+        });
+        tokio::time::advance(REFUSAL_SUMMARY_INTERVAL).await;
+        assert_eq!(socket.get("/credentials").await.status, 403);
+        logs_assert(|lines| match refused(lines) {
+            2 => Ok(()),
+            n => Err(format!(
+                "expected a second full record after the interval, saw {n}"
+            )),
+        });
+        assert!(
+            logs_contain("49 more refusals of this uid for this reason were counted"),
+            "expected the record of the 49 refusals not written one by one"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn every_answer_has_an_etag_and_since_alone_is_a_conditional_get() {
         let socket = Socket::start(active("r", "ASIAFIRST", at(3600)));
@@ -758,6 +980,40 @@ mod tests {
         let detached = socket.get("/credentials").await;
         assert_eq!(detached.status, 404, "{detached:?}");
         assert_ne!(etag(&detached), etag(&changed));
+    }
+
+    /// A 304 carries the `ETag` and nothing of a body: no content headers
+    /// (a client must not take it for an empty credentials document).
+    #[tokio::test(start_paused = true)]
+    async fn a_304_has_the_tag_and_no_body_or_content_headers() {
+        let socket = Socket::start(active("r", "ASIAFIRST", at(3600)));
+        let tag = etag(&socket.get("/credentials").await);
+        let mut stream = tokio::net::UnixStream::connect(&socket.path).await.unwrap();
+        stream
+            .write_all(
+                format!(
+                    "GET /credentials?since={} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+                    bare(&tag)
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        assert!(head.starts_with("HTTP/1.1 304 "), "{raw:?}");
+        assert!(head.lines().any(|l| l == format!("etag: {tag}")), "{raw:?}");
+        let lower = head.to_ascii_lowercase();
+        assert!(
+            !lower.contains("content-type:"),
+            "expected no content type on a 304: {raw:?}"
+        );
+        assert!(
+            !lower.contains("content-length:") || lower.contains("content-length: 0"),
+            "expected no content length (or 0) on a 304: {raw:?}"
+        );
+        assert_eq!(body, "", "expected no body on a 304: {raw:?}");
     }
 
     #[tokio::test(start_paused = true)]

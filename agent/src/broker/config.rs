@@ -62,9 +62,13 @@
 //!    to list the peer's uid (rule 1) or to take it out of one group.
 //!
 //! A peer that matches nothing gets [`Match::Denied`], unless
-//! `unmatched = "instance-role"` gives it [`Match::InstanceRole`]. On a
-//! kernel without `SO_PEERGROUPS` (before Linux 4.13) supplementary groups
-//! are unknown, and rule 3 never matches.
+//! `unmatched = "instance-role"` gives it [`Match::InstanceRole`]. When the
+//! peer's supplementary groups are unknown (`SO_PEERGROUPS` failed: a
+//! kernel before Linux 4.13), rule 3 cannot be checked, and a peer that
+//! rules 1 and 2 do not match is refused ([`Match::GroupsUnknown`]) if any
+//! consumer lists gids, even with `unmatched = "instance-role"`: its groups
+//! might make it that consumer's, and the whole role is more than that
+//! consumer was meant to get (fail closed).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -164,6 +168,10 @@ pub enum Match<'a> {
     /// groups lead to more than one consumer: nothing (HTTP 403), whatever
     /// `unmatched` says. Each `(gid, consumer)` pair, by gid.
     Ambiguous(Vec<(u32, &'a str)>),
+    /// No consumer by uid or primary gid, the peer's supplementary groups
+    /// are unknown, and some consumer lists gids: nothing (HTTP 403), whatever
+    /// `unmatched` says, since those groups might make it that consumer's.
+    GroupsUnknown,
 }
 
 /// A validated config.
@@ -260,18 +268,32 @@ impl Config {
         })
     }
 
+    /// Every gid a consumer lists: the only supplementary groups of a peer
+    /// that [`consumer_for`](Self::consumer_for) looks at.
+    pub fn gids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_gid.keys().copied()
+    }
+
     /// Who the peer with this uid, primary gid (`SO_PEERCRED`) and
-    /// supplementary `groups` (`SO_PEERGROUPS`; empty when unknown) is: the
+    /// supplementary `groups` (`SO_PEERGROUPS`; `None` when unknown) is: the
     /// consumer listing the uid, else the consumer listing the primary gid,
     /// else the one consumer the supplementary groups lead to
-    /// ([`Match::Ambiguous`] if they lead to several), else what
-    /// `unmatched` says (module docs).
-    pub fn consumer_for(&self, uid: u32, gid: u32, groups: &[u32]) -> Match<'_> {
+    /// ([`Match::Ambiguous`] if they lead to several, [`Match::GroupsUnknown`]
+    /// if they are unknown and could), else what `unmatched` says (module docs).
+    pub fn consumer_for(&self, uid: u32, gid: u32, groups: Option<&[u32]>) -> Match<'_> {
         let mut index = self
             .by_uid
             .get(&uid)
             .or_else(|| self.by_gid.get(&gid))
             .copied();
+        let Some(groups) = groups else {
+            return match (index, self.unmatched) {
+                (Some(i), _) => Match::Consumer(&self.consumers[i]),
+                (None, _) if !self.by_gid.is_empty() => Match::GroupsUnknown,
+                (None, Unmatched::InstanceRole) => Match::InstanceRole,
+                (None, Unmatched::Deny) => Match::Denied,
+            };
+        };
         if index.is_none() {
             let mut found: Vec<(u32, usize)> = groups
                 .iter()
@@ -1158,27 +1180,30 @@ gids = [2000]
             Match::Consumer(c) => c.name.clone(),
             other => format!("{other:?}"),
         };
-        assert_eq!(name(config.consumer_for(1001, 100, &[])), "billing");
+        assert_eq!(name(config.consumer_for(1001, 100, Some(&[]))), "billing");
         assert_eq!(
-            name(config.consumer_for(1001, 2000, &[])),
+            name(config.consumer_for(1001, 2000, Some(&[]))),
             "billing",
             "the uid wins over the gid"
         );
-        assert_eq!(name(config.consumer_for(1500, 2000, &[])), "shipper");
+        assert_eq!(name(config.consumer_for(1500, 2000, Some(&[]))), "shipper");
         assert_eq!(
-            config.consumer_for(1500, 100, &[]),
+            config.consumer_for(1500, 100, Some(&[])),
             Match::Denied,
             "with a config file, unmatched defaults to deny"
         );
 
         let open = format!("unmatched = \"instance-role\"\n{text}");
         let config = Config::parse(&open, Path::new(FILE)).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(config.consumer_for(1500, 100, &[]), Match::InstanceRole);
-        assert_eq!(name(config.consumer_for(1001, 100, &[])), "billing");
+        assert_eq!(
+            config.consumer_for(1500, 100, Some(&[])),
+            Match::InstanceRole
+        );
+        assert_eq!(name(config.consumer_for(1001, 100, Some(&[]))), "billing");
 
         let none = Config::without_file();
         assert_eq!(
-            none.consumer_for(0, 0, &[]),
+            none.consumer_for(0, 0, Some(&[])),
             Match::InstanceRole,
             "today's behaviour"
         );
@@ -1202,38 +1227,83 @@ gids = [2000, 2001]
             other => format!("{other:?}"),
         };
         // A supplementary group is enough; two groups of one consumer are one match.
-        assert_eq!(name(config.consumer_for(1500, 100, &[2000])), "shipper");
         assert_eq!(
-            name(config.consumer_for(1500, 100, &[7, 2000, 2001])),
+            name(config.consumer_for(1500, 100, Some(&[2000]))),
+            "shipper"
+        );
+        assert_eq!(
+            name(config.consumer_for(1500, 100, Some(&[7, 2000, 2001]))),
             "shipper"
         );
         // Groups of two consumers: refused, naming each group and consumer.
         assert_eq!(
-            config.consumer_for(1500, 100, &[3000, 2001, 9]),
+            config.consumer_for(1500, 100, Some(&[3000, 2001, 9])),
             Match::Ambiguous(vec![(2001, "shipper"), (3000, "billing")])
         );
         // The uid, then the primary gid, decide before supplementary groups.
         assert_eq!(
-            name(config.consumer_for(1001, 100, &[2000, 3000])),
+            name(config.consumer_for(1001, 100, Some(&[2000, 3000]))),
             "billing"
         );
         assert_eq!(
-            name(config.consumer_for(1500, 2000, &[2000, 3000])),
+            name(config.consumer_for(1500, 2000, Some(&[2000, 3000]))),
             "shipper",
             "the primary gid wins over supplementary groups"
         );
         // Unknown groups (an old kernel) or unlisted ones: unmatched.
-        assert_eq!(config.consumer_for(1500, 100, &[4000]), Match::Denied);
+        assert_eq!(config.consumer_for(1500, 100, Some(&[4000])), Match::Denied);
         // Ambiguity is refused even where unmatched peers get the whole role.
         let open = format!("unmatched = \"instance-role\"\n{text}");
         let config = Config::parse(&open, Path::new(FILE)).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(config.consumer_for(1500, 100, &[4000]), Match::InstanceRole);
+        assert_eq!(
+            config.consumer_for(1500, 100, Some(&[4000])),
+            Match::InstanceRole
+        );
         assert!(
             matches!(
-                config.consumer_for(1500, 100, &[2000, 3000]),
+                config.consumer_for(1500, 100, Some(&[2000, 3000])),
                 Match::Ambiguous(_)
             ),
             "two consumers' groups never fall back to the instance role"
+        );
+    }
+
+    /// A peer whose supplementary groups could not be read is never given
+    /// the whole instance role while a consumer's gids might have claimed
+    /// it (fail closed); the uid and primary gid still decide as before.
+    #[test]
+    fn unknown_groups_never_widen_a_peer_to_the_instance_role() {
+        let text = r#"
+unmatched = "instance-role"
+[[consumer]]
+name = "billing"
+uids = [1001]
+[[consumer]]
+name = "shipper"
+gids = [2000]
+"#;
+        let config = Config::parse(text, Path::new(FILE)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            config.consumer_for(1500, 100, None),
+            Match::GroupsUnknown,
+            "a peer that may be in gid 2000 (shipper) must not get the whole role"
+        );
+        assert!(matches!(
+            config.consumer_for(1001, 100, None),
+            Match::Consumer(c) if c.name == "billing"
+        ));
+        assert!(matches!(
+            config.consumer_for(1500, 2000, None),
+            Match::Consumer(c) if c.name == "shipper"
+        ));
+        // No consumer lists gids: groups cannot matter.
+        let by_uid =
+            "unmatched = \"instance-role\"\n[[consumer]]\nname = \"billing\"\nuids = [1001]\n";
+        let config = Config::parse(by_uid, Path::new(FILE)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.consumer_for(1500, 100, None), Match::InstanceRole);
+        assert_eq!(
+            Config::without_file().consumer_for(0, 0, None),
+            Match::InstanceRole
         );
     }
 
@@ -1536,6 +1606,8 @@ gids = [2000, 2001]
         std::fs::write(&path, "[[consumer]]\nname = \"a\"\nuids = [5]\n").expect("write");
         let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config.path(), Some(path.as_path()));
-        assert!(matches!(config.consumer_for(5, 5, &[]), Match::Consumer(c) if c.name == "a"));
+        assert!(
+            matches!(config.consumer_for(5, 5, Some(&[])), Match::Consumer(c) if c.name == "a")
+        );
     }
 }

@@ -16,9 +16,13 @@
 //! `json_file`), `path`, `owner_uid` (who the file is for: the consumer's
 //! first uid, or the agent's own uid for a consumer matched by gids only),
 //! `role`, `access_key_id`, `expiration` and `result`: `written`, or
-//! `failed` with a `reason` (a failed write is retried, and each try is a
-//! record). Never a secret key or session token. A withdrawal (the
-//! instance role was detached) hands nothing out and is not a record.
+//! `failed` with a `reason`. A failed write is retried every few seconds
+//! ([`crate::outputs`]); only the first failure of each session is a
+//! record, and the retries are counted, not logged: the `written` record
+//! that ends them says how many tries failed (`failed_tries`). So a disk
+//! that fails for a day costs one record per session, not one per retry.
+//! Never a secret key or session token. A withdrawal (the instance role
+//! was detached) hands nothing out and is not a record.
 //!
 //! One task per consumer with files polls the broker
 //! ([`Broker::poll`](super::cache::Broker::poll)): at the start of the
@@ -26,7 +30,7 @@
 //! of the instance provider's state.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use imds_client::{ProviderState, RoleCredentials, SharedTimeSource};
@@ -75,6 +79,7 @@ pub fn sinks(consumer: &Consumer) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
             output,
             path: path.clone(),
             owner_uid,
+            failing: Mutex::new(None),
         })
     };
     let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
@@ -113,6 +118,9 @@ struct Audited {
     output: &'static str,
     path: PathBuf,
     owner_uid: u32,
+    /// While writes fail: the session (access key id, expiry) whose first
+    /// failure was recorded, and how many tries of it failed since.
+    failing: Mutex<Option<((String, SystemTime), u64)>>,
 }
 
 impl Sink for Audited {
@@ -129,34 +137,50 @@ impl Sink for Audited {
         let path = self.path.display();
         let key = current.credentials.access_key_id();
         let expiration = current.credentials.expiration_rfc3339();
+        let session = (key.to_owned(), current.credentials.expiration());
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
         match &result {
-            Ok(()) => tracing::info!(
-                target: "imds_agent::audit",
-                audit = true,
-                consumer = %self.consumer,
-                output = self.output,
-                %path,
-                owner_uid = self.owner_uid,
-                role = %current.role,
-                access_key_id = %key,
-                expiration = %expiration,
-                result = "written",
-                "credentials written to a consumer's file"
-            ),
-            Err(e) => tracing::warn!(
-                target: "imds_agent::audit",
-                audit = true,
-                consumer = %self.consumer,
-                output = self.output,
-                %path,
-                owner_uid = self.owner_uid,
-                role = %current.role,
-                access_key_id = %key,
-                expiration = %expiration,
-                result = "failed",
-                reason = format!("{e:#}"),
-                "credentials not written to a consumer's file"
-            ),
+            Ok(()) => {
+                let failed_tries = failing.take().map_or(0, |(_, tries)| tries);
+                tracing::info!(
+                    target: "imds_agent::audit",
+                    audit = true,
+                    consumer = %self.consumer,
+                    output = self.output,
+                    %path,
+                    owner_uid = self.owner_uid,
+                    role = %current.role,
+                    access_key_id = %key,
+                    expiration = %expiration,
+                    result = "written",
+                    failed_tries,
+                    "credentials written to a consumer's file"
+                );
+            }
+            // A retry of a session whose failure is recorded already.
+            Err(_) if failing.as_ref().is_some_and(|(s, _)| *s == session) => {
+                if let Some((_, tries)) = failing.as_mut() {
+                    *tries += 1;
+                }
+            }
+            Err(e) => {
+                *failing = Some((session, 1));
+                tracing::warn!(
+                    target: "imds_agent::audit",
+                    audit = true,
+                    consumer = %self.consumer,
+                    output = self.output,
+                    %path,
+                    owner_uid = self.owner_uid,
+                    role = %current.role,
+                    access_key_id = %key,
+                    expiration = %expiration,
+                    result = "failed",
+                    reason = format!("{e:#}"),
+                    "credentials not written to a consumer's file (retried; \
+                     further failures of this session are counted in its written record)"
+                );
+            }
         }
         result
     }
@@ -354,5 +378,73 @@ mod tests {
             }
         });
         assert!(!logs_contain("never-logged"), "a secret in the audit log");
+    }
+
+    fn audit_lines(lines: &[&str], result: &str) -> usize {
+        lines
+            .iter()
+            .filter(|l| l.contains("imds_agent::audit") && l.contains(result))
+            .count()
+    }
+
+    /// A write that keeps failing is retried every few seconds: the first
+    /// failure of a session is a record, the retries are counted in the
+    /// record of the write that finally succeeds, and a new session's
+    /// failure is a record again. The log stays bounded however long the
+    /// disk fails.
+    #[test]
+    #[tracing_test::traced_test]
+    fn retries_of_a_failing_write_are_one_record_not_one_each() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let consumer = consumer(dir.path());
+        let sinks = sinks(&consumer).expect("the consumer's sinks");
+        let json = dir.path().join("billing.json");
+        std::fs::create_dir(&json).expect("a directory where the json file goes");
+        let current = session();
+        for _ in 0..100 {
+            assert!(sinks[1].publish(&current).is_err(), "expected a failure");
+        }
+        logs_assert(|lines| match audit_lines(lines, "result=\"failed\"") {
+            1 => Ok(()),
+            n => Err(format!(
+                "expected one failed record for 100 tries of one session, saw {n}"
+            )),
+        });
+        std::fs::remove_dir(&json).expect("the disk is back");
+        sinks[1].publish(&current).expect("written");
+        logs_assert(|lines| {
+            let written: Vec<&&str> = lines
+                .iter()
+                .filter(|l| l.contains("result=\"written\""))
+                .collect();
+            match written.as_slice() {
+                [line] if line.contains("failed_tries=100") => Ok(()),
+                _ => Err(format!(
+                    "expected one written record with failed_tries=100, saw {written:#?}"
+                )),
+            }
+        });
+
+        // Failing again, with the next session: a record of its own.
+        std::fs::remove_file(&json).expect("removing the json file");
+        std::fs::create_dir(&json).expect("a directory in its place");
+        let next = RoleCredentials {
+            role: "billing-role".into(),
+            credentials: Arc::new(Credentials::new(
+                "ASIAWRITTEN000002",
+                "secret-key-never-logged-0000000000000000",
+                "session-token-never-logged",
+                SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_003_600),
+            )),
+        };
+        for _ in 0..3 {
+            assert!(sinks[1].publish(&next).is_err(), "expected a failure");
+        }
+        logs_assert(|lines| match audit_lines(lines, "result=\"failed\"") {
+            2 => Ok(()),
+            n => Err(format!(
+                "expected a second failed record for the next session, saw {n} in all"
+            )),
+        });
     }
 }

@@ -6,7 +6,10 @@
 //!
 //! Every hand-out and every refusal of credentials to a consumer (or, with a
 //! config file, to an unmatched peer) is one log record with target
-//! `imds_agent::audit`: `consumer`, `output`, the peer's `uid`/`gid`/`pid`
+//! `imds_agent::audit` (on the credential socket, a peer the config refuses
+//! is recorded in full at most once per uid every 10 s, the refusals
+//! between counted in one record, so a looping client cannot flood the
+//! log; see `server`): `consumer`, `output`, the peer's `uid`/`gid`/`pid`
 //! and `exe` (the target of `/proc/PID/exe`, when the agent may read it:
 //! the unit's `ProtectProc=invisible` and a peer of another user usually
 //! hide it, and a pid read at connect time may belong to another process
@@ -52,9 +55,12 @@ pub struct PeerId {
     pub uid: u32,
     /// Primary gid (`SO_PEERCRED`).
     pub gid: u32,
-    /// Supplementary groups (`SO_PEERGROUPS`, [`crate::peer_groups`]);
-    /// empty when the kernel could not say (before Linux 4.13).
-    pub groups: Arc<[u32]>,
+    /// Supplementary groups (`SO_PEERGROUPS`, [`crate::peer_groups`]), only
+    /// those the config or the socket's allow-list name (the others cannot
+    /// change what the peer gets, and a peer may have 65,536); `None` when
+    /// the kernel could not say (before Linux 4.13): the peer is then never
+    /// widened to the instance role ([`Match::GroupsUnknown`]).
+    pub groups: Option<Arc<[u32]>>,
     /// Pid at connect time, when known.
     pub pid: Option<u32>,
 }
@@ -84,7 +90,10 @@ impl Consumers {
                 .path()
                 .map_or_else(|| "the config".to_owned(), |p| p.display().to_string())
         };
-        match self.config.consumer_for(peer.uid, peer.gid, &peer.groups) {
+        match self
+            .config
+            .consumer_for(peer.uid, peer.gid, peer.groups.as_deref())
+        {
             Match::Consumer(consumer) => Answer::Consumer {
                 name: consumer.name.clone(),
                 result: self.broker.credentials(&consumer.name, state).await,
@@ -93,11 +102,23 @@ impl Consumers {
             Match::Denied => {
                 self.broker.count_refusal(false);
                 Answer::Denied(format!(
-                    "uid {} (primary gid {}, groups {:?}) matches no consumer in {} and unmatched = \"deny\": \
+                    "uid {} (primary gid {}; no supplementary group of it is a consumer's) matches no consumer \
+                     in {} and unmatched = \"deny\": \
                      add the uid or a gid to a consumer's uids/gids, or set unmatched = \"instance-role\"",
                     peer.uid,
                     peer.gid,
-                    &peer.groups[..],
+                    file(),
+                ))
+            }
+            Match::GroupsUnknown => {
+                self.broker.count_refusal(false);
+                Answer::Denied(format!(
+                    "uid {} (primary gid {}) matches no consumer in {} by uid or primary gid, and its \
+                     supplementary groups could not be read (SO_PEERGROUPS needs Linux 4.13 or later), \
+                     so it may be in a consumer's gids: refused rather than serving the whole instance role; \
+                     list the uid or its primary gid in the consumer it belongs to",
+                    peer.uid,
+                    peer.gid,
                     file(),
                 ))
             }
@@ -264,7 +285,8 @@ impl Consumers {
     /// `imds_agent_consumer_session_expiry_seconds{consumer}` (0 without one),
     /// and `imds_agent_consumer_refused_requests_total{reason}`: socket
     /// requests refused because the peer matches no consumer
-    /// (`no_consumer`) or because its groups lead to two or more consumers
+    /// (`no_consumer`, also counting a peer whose groups could not be read,
+    /// [`Match::GroupsUnknown`]) or because its groups lead to two or more consumers
     /// (`ambiguous_groups`).
     pub fn render_metrics(&self, now: std::time::SystemTime) -> String {
         let mut status = self.broker.status();
@@ -349,7 +371,7 @@ mod tests {
         PeerId {
             uid,
             gid,
-            groups: groups.into(),
+            groups: Some(groups.into()),
             pid: None,
         }
     }
@@ -390,11 +412,147 @@ mod tests {
             panic!("expected a refusal, got {answer:?}")
         };
         assert!(
-            reason.starts_with("uid 1500 (primary gid 100, groups [7]) matches no consumer"),
+            reason.starts_with(
+                "uid 1500 (primary gid 100; no supplementary group of it is a consumer's) matches no consumer"
+            ),
             "{reason}"
         );
         let render = consumers.render_metrics(std::time::SystemTime::UNIX_EPOCH);
         assert_eq!(refused(&render, "ambiguous_groups"), 1, "{render}");
         assert_eq!(refused(&render, "no_consumer"), 1, "{render}");
+    }
+
+    /// A peer with as many groups as Linux allows: its refusal (the 403's
+    /// body, and the audit record of every request) stays short instead of
+    /// listing 65,536 groups each time.
+    #[tokio::test]
+    async fn a_refusal_of_a_peer_with_65536_groups_is_short() {
+        let consumers = consumers("[[consumer]]\nname = \"billing\"\ngids = [3000]\n");
+        let many: Vec<u32> = (100_000..100_000 + 65_536).collect();
+        let answer = consumers
+            .answer(&peer(1500, 100, &many), &ProviderState::Starting)
+            .await;
+        let Answer::Denied(reason) = answer else {
+            panic!("expected a refusal, got {answer:?}")
+        };
+        assert!(
+            reason.len() < 1024,
+            "expected a refusal under 1 KiB, got {} bytes: {}…",
+            reason.len(),
+            &reason[..200]
+        );
+    }
+
+    /// Unknown supplementary groups with `unmatched = "instance-role"`: a
+    /// 403 that says why, never the whole role.
+    #[tokio::test]
+    async fn a_peer_whose_groups_are_unknown_is_refused_not_widened() {
+        let consumers = consumers(
+            "unmatched = \"instance-role\"\n[[consumer]]\nname = \"billing\"\ngids = [3000]\n",
+        );
+        let unknown = PeerId {
+            groups: None,
+            ..peer(1500, 100, &[])
+        };
+        let answer = consumers.answer(&unknown, &ProviderState::Starting).await;
+        let Answer::Denied(reason) = answer else {
+            panic!("expected a refusal for unknown groups, got {answer:?}")
+        };
+        assert!(
+            reason.contains("could not be read") && reason.contains("list the uid"),
+            "{reason}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod exe_tests {
+    //! The peer's executable name is the one field of an audit record a
+    //! peer chooses freely: it names its binary. A newline in that name
+    //! must not start a forged record, in text or in JSON.
+
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The log of one audit record of `peer`, in text or JSON.
+    fn logged(json: bool, peer: &PeerId) -> String {
+        let buffer = Buffer::default();
+        let writer = {
+            let buffer = buffer.clone();
+            move || buffer.clone()
+        };
+        let builder = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(writer);
+        let record = || audit("billing", "socket", peer, None, "denied", Some("r"));
+        if json {
+            tracing::subscriber::with_default(builder.json().finish(), record);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), record);
+        }
+        String::from_utf8(buffer.0.lock().unwrap().clone()).expect("UTF-8 log")
+    }
+
+    #[test]
+    fn a_newline_in_the_peer_s_executable_cannot_forge_a_record() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let exe = dir
+            .path()
+            .join("app\nFORGED imds_agent::audit: credentials handed out result=\"served\"");
+        std::fs::copy("/bin/sleep", &exe).expect("a copy of sleep with a newline in its name");
+        let mut child = std::process::Command::new(&exe)
+            .arg("30")
+            .spawn()
+            .expect("running it");
+        let peer = PeerId {
+            uid: 1500,
+            gid: 1500,
+            groups: Some(Arc::from([])),
+            pid: Some(child.id()),
+        };
+        let seen = executable(peer.pid);
+        let text = logged(false, &peer);
+        let json = logged(true, &peer);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            seen.as_deref().is_some_and(|e| e.contains("app\nFORGED")),
+            "expected the agent to read the executable's name, read {seen:?}"
+        );
+        for (format, log) in [("text", &text), ("json", &json)] {
+            assert_eq!(
+                log.lines().count(),
+                1,
+                "expected one {format} line for one record, got:\n{log}"
+            );
+            assert!(
+                log.contains("app\\nFORGED"),
+                "expected the newline escaped in {format}: {log}"
+            );
+        }
+        let record: serde_json::Value = serde_json::from_str(json.trim()).expect("one JSON object");
+        assert!(
+            record["fields"]["exe"]
+                .as_str()
+                .is_some_and(|e| e.ends_with(
+                    "app\nFORGED imds_agent::audit: credentials handed out result=\"served\""
+                )),
+            "{record}"
+        );
     }
 }
