@@ -7,10 +7,12 @@ use clap::{Parser, Subcommand};
 
 use crate::on_change::Hook;
 
-/// Keeps EC2 instance-role credentials available to applications that cannot
-/// speak IMDSv2.
+/// Keeps EC2 instance-role credentials current in files, on a Unix socket and
+/// on a container-credentials endpoint, for applications that cannot speak
+/// IMDSv2. `imds-agent SUBCOMMAND --help` explains each; the README has the
+/// whole story (`/usr/share/doc/imds-agent/README.md` when packaged).
 #[derive(Debug, Parser)]
-#[command(name = "imds-agent", version, about, long_about = None)]
+#[command(name = "imds-agent", version, long_about = None)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -20,7 +22,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Keep instance-role credentials current in files and on a Unix socket.
+    /// Keep instance-role credentials current in files, on a Unix socket and
+    /// on a container endpoint (with --config: a session per local consumer).
     #[command(after_help = RUN_EXAMPLES)]
     Run(Box<RunArgs>),
     /// Print credentials in the `credential_process` JSON format, read from a
@@ -35,10 +38,11 @@ pub enum Command {
     /// a fresh directory: the whole thing working, on any machine.
     #[command(after_help = DEMO_EXAMPLES)]
     Demo(DemoArgs),
-    /// Check this host: IMDS reachable, tokens required, IMDS locked down to
-    /// the agent, outputs closed to other users. Each finding with its fix.
+    /// Check this host: IMDS reachable, a role attached, tokens required,
+    /// IMDS locked down to the agent (local users and the forward path from
+    /// containers), outputs closed to other users. Each finding with its fix.
     #[command(
-        after_help = "Example:\n  imds-agent doctor --credentials-file /var/lib/imds-agent/credentials --socket /run/imds-agent/agent.sock\n\nExit status 1 when a check fails."
+        after_help = "Example (as root, for the packaged unit):\n  imds-agent doctor --agent-uid \"$(id -u imds-agent)\" --credentials-file /var/lib/imds-agent/credentials --socket /run/imds-agent/agent.sock\n\nExit status 1 when a check fails. See README, \"Locking IMDS down to the agent\"."
     )]
     Doctor(DoctorArgs),
     /// Internal (used by doctor): exit 0 if a TCP connection to HOST:PORT opens.
@@ -47,7 +51,8 @@ pub enum Command {
         /// HOST:PORT
         authority: String,
     },
-    /// Run the bundled IMDSv2 emulator standalone, until SIGTERM or Ctrl-C.
+    /// Run the bundled IMDSv2 emulator standalone, with an STS emulator
+    /// beside it, until SIGTERM or Ctrl-C.
     #[command(after_help = MOCK_IMDS_EXAMPLES)]
     MockImds(MockImdsArgs),
 }
@@ -59,6 +64,9 @@ Examples:
   curl -s -X PUT --data other-role http://127.0.0.1:8080/_mock/role     # replace the role
   curl -s -X DELETE http://127.0.0.1:8080/_mock/role                     # detach it
 
+It prints the IMDS address, the role attached (if any), and AWS_ENDPOINT_URL_STS=... for the STS
+emulator beside it (AssumeRole, SigV4 checked against the credentials it issued),
+for `imds-agent run --config` without AWS (README, \"Least privilege per consumer\").
 The control surface under /_mock/ is described in imds-client/MOCK.md.";
 
 /// Flags of `imds-agent mock-imds`.
@@ -187,13 +195,18 @@ pub struct RunArgs {
     /// Keep this file current with the credential_process JSON document.
     #[arg(long, env = "IMDS_AGENT_JSON_FILE", value_name = "PATH")]
     pub json_file: Option<PathBuf>,
-    /// Serve credentials over HTTP on this Unix socket.
+    /// Serve credentials over HTTP on this Unix socket: GET /credentials (long-poll
+    /// with ?wait=SECONDS&since=ETAG), POST /refresh, GET /healthz. Under
+    /// systemd socket activation (imds-agent.socket) the passed socket is
+    /// served instead, with that unit's owner, group and mode.
     #[arg(long, env = "IMDS_AGENT_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Serve the container-credentials protocol on this address, for
     /// AWS_CONTAINER_CREDENTIALS_FULL_URI: loopback (e.g. 127.0.0.1:8901), or
     /// the container link's 169.254.170.23:PORT or `[fd00:ec2::23]:PORT`, which
-    /// containers on local bridges reach (see README, "Containers").
+    /// containers on local bridges reach (see README, "Containers"). Under
+    /// systemd, imds-agent-container.socket binds the link's port 80 and
+    /// passes it instead (no capability needed).
     #[arg(long, env = "IMDS_AGENT_CONTAINER_ENDPOINT", value_name = "ADDR")]
     pub container_endpoint: Option<SocketAddr>,
     /// The container endpoint's token: read from this file, or generated
@@ -222,10 +235,10 @@ pub struct RunArgs {
     /// Risk: a reader may see a partial file while it is written.
     #[arg(long, env = "IMDS_AGENT_IN_PLACE")]
     pub in_place: bool,
-    /// Mode of the socket file (octal).
+    /// Mode of the socket file (octal); not applied to a socket systemd passes.
     #[arg(long, env = "IMDS_AGENT_SOCKET_MODE", default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
-    /// Group (numeric gid) of the socket file.
+    /// Group (numeric gid) of the socket file; not applied to a socket systemd passes.
     #[arg(long, env = "IMDS_AGENT_SOCKET_GROUP", value_name = "GID")]
     pub socket_group: Option<u32>,
     /// Only these peer uids may use the socket (repeat or comma-separate): the
@@ -305,7 +318,8 @@ pub struct RunArgs {
     pub on_change: Vec<Hook>,
     /// After every change, run `systemctl try-reload-or-restart UNIT`, as
     /// --on-change does (repeat or comma-separate). Under the packaged unit
-    /// this needs a polkit rule: see /etc/default/imds-agent.
+    /// this needs a polkit rule: see README, "Telling applications about a
+    /// rotation" (or /etc/default/imds-agent, /etc/sysconfig/imds-agent).
     #[arg(long, env = "IMDS_AGENT_RELOAD_UNIT", value_delimiter = ',', value_name = "UNIT", value_parser = parse_unit)]
     pub reload_unit: Vec<String>,
     /// An --on-change or --reload-unit run still going after this many
@@ -313,9 +327,11 @@ pub struct RunArgs {
     #[arg(long, env = "IMDS_AGENT_ON_CHANGE_TIMEOUT", default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub on_change_timeout: u64,
     /// The consumers' config file (TOML; see the README's "Least privilege per
-    /// consumer"): each socket peer gets its own consumer's STS session.
-    /// Validated completely before start. Without it, every allowed peer
-    /// gets the instance role, as before.
+    /// consumer"): each socket peer, and each container presenting a
+    /// consumer's token, gets its own consumer's STS session; a peer matching
+    /// no consumer gets 403 unless the file says unmatched = "instance-role".
+    /// Validated completely before start; read at start only. Without it,
+    /// every peer the socket admits gets the whole instance role.
     #[arg(long, env = "IMDS_AGENT_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
 }
