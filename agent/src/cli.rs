@@ -102,7 +102,10 @@ Signals: SIGTERM/SIGINT stop cleanly, SIGHUP refreshes now (so does POST /refres
 socket, see `imds-agent refresh --help`).
 Metrics and health apart from credentials:
   imds-agent run --socket /run/imds-agent/agent.sock --metrics-socket /run/imds-agent/metrics.sock --metrics-socket-group 998
-  curl --unix-socket /run/imds-agent/metrics.sock http://localhost/metrics";
+  curl --unix-socket /run/imds-agent/metrics.sock http://localhost/metrics
+
+Containers, per-consumer sessions, telling applications of a rotation, the packaged unit
+and the IMDS lock-down: README (/usr/share/doc/imds-agent/README.md when packaged).";
 
 const CREDENTIAL_PROCESS_EXAMPLES: &str = "\
 Use it from ~/.aws/config, so every AWS SDK and the CLI re-run it before expiry:
@@ -111,7 +114,8 @@ Use it from ~/.aws/config, so every AWS SDK and the CLI re-run it before expiry:
   credential_process = imds-agent credential-process --socket /run/imds-agent/agent.sock
 
 Exit status 0 with the JSON on stdout; 1 with one line on stderr when the agent is not
-running, no role is attached, or no valid credentials are available.";
+running, refused this user, no role is attached, or no valid credentials are available.
+With a config file (run --config), the JSON is this user's consumer's session.";
 
 const REFRESH_ABOUT: &str = "\
 Ask a running agent to fetch credentials from IMDS now, and print what it got
