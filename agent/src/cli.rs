@@ -155,7 +155,8 @@ fn parse_mode(text: &str) -> Result<u32, String> {
     }
     if mode & 0o007 != 0 {
         return Err(format!(
-            "{text:?} would let every user read the credentials; use 0600 or 0640"
+            "{text:?} would let every user read the credentials; use 0600 or 0640 for a file, \
+             0600 or 0660 for a socket (a peer needs write permission to connect)"
         ));
     }
     Ok(mode)
@@ -239,7 +240,8 @@ pub struct RunArgs {
     /// Risk: a reader may see a partial file while it is written.
     #[arg(long, env = "IMDS_AGENT_IN_PLACE")]
     pub in_place: bool,
-    /// Mode of the socket file (octal); not applied to a socket systemd passes.
+    /// Mode of the socket file (octal): 0600, or 0660 with --socket-group to let
+    /// that group connect; not applied to a socket systemd passes.
     #[arg(long, env = "IMDS_AGENT_SOCKET_MODE", default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
     /// Group (numeric gid) of the socket file; not applied to a socket systemd passes.
