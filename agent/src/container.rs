@@ -540,7 +540,7 @@ fn peer_of(stream: &TcpStream) -> Option<Peer> {
             .then(|| sock_diag::tcp_peer_uid(remote, local))
             .flatten()
     } else {
-        match origin::classify(remote.ip(), || sock_diag::tcp_peer_uid(remote, local)) {
+        match origin::classify(remote, || sock_diag::tcp_peer_uid(remote, local)) {
             origin::Origin::Host(uid) => uid,
             origin::Origin::Bridge(_) => None,
             origin::Origin::Elsewhere => return None,
