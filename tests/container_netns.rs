@@ -331,6 +331,19 @@ fn connect(addr: SocketAddr) -> Reach {
     }
 }
 
+/// A TCP connection to `to` from the local address `from`.
+fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use rustix::net::{AddressFamily, SocketType, bind, connect, ipproto, socket};
+    let family = match to {
+        SocketAddr::V4(_) => AddressFamily::INET,
+        SocketAddr::V6(_) => AddressFamily::INET6,
+    };
+    let fd = socket(family, SocketType::STREAM, Some(ipproto::TCP))?;
+    bind(&fd, &SocketAddr::new(from, 0))?;
+    connect(&fd, &to)?;
+    Ok(TcpStream::from(fd))
+}
+
 fn imds_addrs() -> [SocketAddr; 2] {
     [
         "169.254.169.254:80".parse().unwrap(),
@@ -603,6 +616,62 @@ fn containers_reach_the_endpoint_and_not_imds_through_the_lock_down() {
             shown(&body)
         );
     }
+    // A container answering for many addresses on its bridge (here added
+    // with `ip addr`; CAP_NET_RAW could claim them by ARP) gets a per-peer
+    // share for each, but containers together hold at most half the slots
+    // (512 of 1024): nine addresses of 64 connections each fill it, the
+    // container is refused more, and a process on the host is still served.
+    let extra: Vec<std::net::IpAddr> = (100..109)
+        .map(|i| format!("10.200.0.{i}").parse().unwrap())
+        .collect();
+    for address in &extra {
+        topology
+            .container
+            .ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
+    }
+    let endpoint = endpoints()[0];
+    let held = topology.container.within(None, move || {
+        let mut held = Vec::new();
+        for address in extra {
+            for _ in 0..64 {
+                held.push(
+                    connect_from(address, endpoint)
+                        .unwrap_or_else(|e| panic!("connecting from {address} to {endpoint}: {e}")),
+                );
+            }
+        }
+        held
+    });
+    let token_for_container = token.clone();
+    let got = topology.container.within(None, move || {
+        get_credentials(endpoint, Some(&token_for_container))
+    });
+    let got = got.map(|(status, body)| (status, shown(&body)));
+    assert!(
+        matches!(&got, Ok((503, _))),
+        "expected the container, whose other addresses hold 576 connections, to be refused \
+         with 503 once containers hold their 512; got {got:?}"
+    );
+    let token_for_host = token.clone();
+    let got = topology.host.within(Some(stranger), move || {
+        get_credentials(endpoint, Some(&token_for_host))
+    });
+    assert!(
+        matches!(&got, Ok((200, _))),
+        "expected uid {} on the host to be served while containers hold their share, got \
+         status {:?}",
+        stranger.uid,
+        got.map(|(status, _)| status)
+    );
+    drop(held);
+    let token_again = token.clone();
+    wait_for("the container to be served again once it lets go", || {
+        let token = token_again.clone();
+        let got = topology
+            .container
+            .within(None, move || get_credentials(endpoint, Some(&token)));
+        matches!(got, Ok((200, _)))
+    });
     // On the host: another uid gets a reset; the agent's uid gets through.
     for addr in imds_addrs() {
         let got = topology.host.within(Some(stranger), move || connect(addr));
