@@ -10,8 +10,10 @@
 //! - a process on this host: the kernel knows the socket at the other end
 //!   (`sock_diag`), and its owner's uid keys the per-peer cap, as on loopback;
 //! - a container behind a local bridge: the main routing table sends replies
-//!   to its address straight out of a bridge device (no gateway). It has no
-//!   local uid, so its address keys the cap.
+//!   to its address straight out of a bridge device (no gateway) that is not
+//!   the host's uplink (no default route through it: a host whose `eth0` is
+//!   enslaved to a bridge has the network behind it). It has no local uid,
+//!   so its address keys the cap.
 //!
 //! Anything else is refused at accept. The lock-down rule
 //! (`agent/host/imds-lockdown.nft`) restricts the port to loopback and local
@@ -146,14 +148,18 @@ fn is_bridge(device: &str) -> bool {
 
 /// The route the kernel takes to `remote` in `table` (the most specific,
 /// then the lowest metric): a bridge's if direct through a device `bridge`
-/// says is one, else [`Origin::Elsewhere`].
+/// says is one and that does not hold a default route, else
+/// [`Origin::Elsewhere`].
 fn classify_by_routes(remote: IpAddr, table: &[Route], bridge: impl Fn(&str) -> bool) -> Origin {
     let best = table
         .iter()
         .filter(|r| contains(r.dest, r.prefix, remote))
         .min_by_key(|r| (std::cmp::Reverse(r.prefix), r.metric));
+    // A bridge holding the default route is the host's uplink (libvirt,
+    // LXD or OpenStack hosts bridge eth0): behind it is the network.
+    let uplink = |device: &str| table.iter().any(|r| r.prefix == 0 && r.device == device);
     match best {
-        Some(route) if route.direct && bridge(&route.device) => {
+        Some(route) if route.direct && bridge(&route.device) && !uplink(&route.device) => {
             Origin::Bridge(route.device.clone())
         }
         _ => Origin::Elsewhere,
@@ -339,6 +345,42 @@ docker0\t000011AC\t00000000\t0001\t0\t0\t100\t0000FFFF\t0\t0\t0
             classify_by_routes(ip("172.17.0.2"), &table, bridges),
             Origin::Bridge("docker0".into()),
             "replies to 172.17.0.2 leave by docker0 (metric 100, eth0's is 200): {table:?}"
+        );
+    }
+
+    /// A host whose uplink is a bridge (eth0 enslaved to br0, as libvirt,
+    /// LXD or OpenStack hosts do): br0 holds the default route and the
+    /// subnet, and what is behind it is the network, not a container.
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn a_bridge_holding_the_default_route_is_the_uplink_not_a_container() {
+        let bridged_uplink = "\
+Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+br0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
+br0\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+docker0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
+";
+        let table = parse_ipv4_routes(bridged_uplink);
+        let bridge = |device: &str| device == "br0" || device == "docker0";
+        assert_eq!(
+            classify_by_routes(ip("192.168.1.50"), &table, bridge),
+            Origin::Elsewhere,
+            "a neighbour on the bridged uplink (192.168.1.0/24, default via br0): {table:?}"
+        );
+        assert_eq!(
+            classify_by_routes(ip("172.17.0.2"), &table, bridge),
+            Origin::Bridge("docker0".into())
+        );
+        let ipv6 = parse_ipv6_routes(
+            "00000000000000000000000000000000 00 00000000000000000000000000000000 00 \
+             fe800000000000000000000000000001 00000400 00000001 00000000 00000003      br0\n\
+             20010db8000000000000000000000000 40 00000000000000000000000000000000 00 \
+             00000000000000000000000000000000 00000100 00000001 00000000 00000001      br0\n",
+        );
+        assert_eq!(
+            classify_by_routes(ip("2001:db8::50"), &ipv6, bridge),
+            Origin::Elsewhere,
+            "a neighbour on the bridged uplink (2001:db8::/64, default via br0): {ipv6:?}"
         );
     }
 
