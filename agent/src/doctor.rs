@@ -479,22 +479,65 @@ fn forward_path() -> Finding {
 }
 
 /// Which IMDS addresses (IPv4, IPv6) a forward-hook chain of `ruleset`
-/// (`nft list ruleset`) rejects or drops.
+/// (`nft list ruleset`) rejects or drops for every forwarded packet. Only
+/// tables that see routed traffic count (`ip`, `ip6`, `inet`: a `bridge`
+/// table's forward hook sees frames switched inside a bridge, not traffic
+/// routed to IMDS), and only rules that match the address alone: a rule
+/// that also names a source, an interface or anything else leaves the rest
+/// of the path open, so it does not make the path closed.
 fn forward_blocked(ruleset: &str) -> (bool, bool) {
-    let (mut v4, mut v6, mut forward) = (false, false, false);
+    let (mut v4, mut v6) = (false, false);
+    let (mut routed, mut forward) = (false, false);
     for line in ruleset.lines().map(str::trim) {
-        if line.starts_with("chain ") {
+        if let Some(table) = line.strip_prefix("table ") {
+            routed = matches!(table.split_whitespace().next(), Some("ip" | "ip6" | "inet"));
+            forward = false;
+        } else if line.starts_with("chain ") {
             forward = false;
         } else if line.starts_with("type ") && line.contains(" hook forward ") {
-            forward = true;
-        } else if forward
-            && (line.contains(" reject") || line.ends_with(" drop") || line.contains(" drop "))
-        {
-            v4 |= line.contains("daddr 169.254.169.254 ");
-            v6 |= line.contains("daddr fd00:ec2::254 ");
+            forward = routed;
+        } else if forward {
+            match blocks_imds(line) {
+                Some(false) => v4 = true,
+                Some(true) => v6 = true,
+                None => {}
+            }
         }
     }
     (v4, v6)
+}
+
+/// Whether `rule` (one line of a chain, as `nft list` prints it) drops or
+/// rejects every packet to IMDS, and for which family (`true`: IPv6); `None`
+/// when it matches anything more than the address (and TCP, or TCP port
+/// 80, which is all IMDS serves) or does not end in `drop` or `reject`.
+fn blocks_imds(rule: &str) -> Option<bool> {
+    let words: Vec<&str> = rule.split_whitespace().collect();
+    let mut rest = &words[..];
+    let mut ipv6 = None;
+    loop {
+        rest = match rest {
+            ["meta", "l4proto", "tcp", tail @ ..]
+            | ["ip", "protocol", "tcp", tail @ ..]
+            | ["ip6", "nexthdr", "tcp", tail @ ..]
+            | ["tcp", "dport", "80", tail @ ..] => tail,
+            ["ip", "daddr", "169.254.169.254", tail @ ..] if ipv6.is_none() => {
+                ipv6 = Some(false);
+                tail
+            }
+            ["ip6", "daddr", "fd00:ec2::254", tail @ ..] if ipv6.is_none() => {
+                ipv6 = Some(true);
+                tail
+            }
+            ["counter", "packets", _, "bytes", _, tail @ ..] => tail,
+            _ => break,
+        };
+    }
+    match rest {
+        ["drop"] | ["reject"] => ipv6,
+        ["drop" | "reject", "comment", ..] | ["reject", "with", ..] => ipv6,
+        _ => None,
+    }
 }
 
 const HOP_LIMIT: &str =
@@ -677,6 +720,92 @@ table inet imds_lockdown {
         assert_eq!(f.verdict, Verdict::Ok, "{}", f.what);
         assert!(f.what.contains("IP forwarding is off"), "{}", f.what);
         assert!(f.what.contains("hop limit"), "{}", f.what);
+    }
+
+    /// Rules that stop only part of the forwarded traffic to IMDS, or that
+    /// sit where routed traffic never passes, leave the path open.
+    #[test]
+    fn a_partial_or_misplaced_forward_rule_does_not_close_the_path() {
+        let forward = |table: &str, rules: &[&str]| {
+            format!(
+                "table {table} {{\n\tchain forward {{\n\t\ttype filter hook forward priority \
+                 filter; policy accept;\n{}\t}}\n}}\n",
+                rules
+                    .iter()
+                    .map(|r| format!("\t\t{r}\n"))
+                    .collect::<String>()
+            )
+        };
+        for (what, ruleset) in [
+            (
+                "only one source",
+                forward(
+                    "inet filter",
+                    &[
+                        "ip saddr 10.1.2.3 ip daddr 169.254.169.254 drop",
+                        "ip6 saddr fd00:1::3 ip6 daddr fd00:ec2::254 drop",
+                    ],
+                ),
+            ),
+            (
+                "only one bridge",
+                forward(
+                    "inet filter",
+                    &[
+                        "iifname \"docker0\" ip daddr 169.254.169.254 reject",
+                        "iifname \"docker0\" ip6 daddr fd00:ec2::254 reject",
+                    ],
+                ),
+            ),
+            (
+                "new connections only",
+                forward(
+                    "inet filter",
+                    &[
+                        "ct state new ip daddr 169.254.169.254 drop",
+                        "ct state new ip6 daddr fd00:ec2::254 drop",
+                    ],
+                ),
+            ),
+            (
+                "a bridge table (switched frames, not routed traffic)",
+                forward(
+                    "bridge filter",
+                    &[
+                        "ip daddr 169.254.169.254 drop",
+                        "ip6 daddr fd00:ec2::254 drop",
+                    ],
+                ),
+            ),
+            (
+                "a rule that only counts",
+                forward(
+                    "inet filter",
+                    &[
+                        "ip daddr 169.254.169.254 counter packets 0 bytes 0 comment \"reject\"",
+                        "ip6 daddr fd00:ec2::254 counter packets 0 bytes 0 comment \"drop\"",
+                    ],
+                ),
+            ),
+        ] {
+            let f = forward_verdict(Some(&ruleset), true, &docker0());
+            assert_eq!(
+                f.verdict,
+                Verdict::Warn,
+                "{what}: expected the forward path reported open, got {}\n{ruleset}",
+                f.what
+            );
+        }
+        // The same chain, rules unconditional, with counters and comments: closed.
+        let closed = forward(
+            "inet filter",
+            &[
+                "ip daddr 169.254.169.254 counter packets 3 bytes 180 drop comment \"imds\"",
+                "meta l4proto tcp ip6 daddr fd00:ec2::254 tcp dport 80 reject with tcp reset",
+            ],
+        );
+        let f = forward_verdict(Some(&closed), true, &docker0());
+        assert_eq!(f.verdict, Verdict::Ok, "{}\n{closed}", f.what);
     }
 
     #[test]
