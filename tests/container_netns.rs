@@ -826,6 +826,45 @@ fn containers_reach_the_endpoint_and_not_imds_through_the_lock_down() {
     drop(topology);
 }
 
+/// `apply-imds-lockdown.sh` refuses an `IMDS_LOCKDOWN_USER` that is not a
+/// user name or uid before it touches the rule: no nft syntax or shell
+/// reaches the rule file, and a name `id` would take as an option (`-u`
+/// names root's uid) is not looked up. Run in a network namespace of its own
+/// (`unshare --net`), so even a rule loaded by mistake would go with it.
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
+fn the_lock_down_script_refuses_a_user_that_is_not_one() {
+    crate::util::require_root();
+    for user in [
+        "-u",
+        "-G",
+        "a;b",
+        "x\" accept #",
+        "0 accept",
+        "$(id)",
+        "no-such-user-imds",
+    ] {
+        let out = Command::new("unshare")
+            .args(["--net", "sh", "-c"])
+            .arg("sh \"$0\" \"$1\" && nft list ruleset")
+            .arg(host_file("apply-imds-lockdown.sh"))
+            .arg(host_file("imds-lockdown.nft"))
+            .env("IMDS_LOCKDOWN_USER", user)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && (stderr.contains(&format!("IMDS_LOCKDOWN_USER='{user}' is not a user name"))
+                    || stderr.contains(&format!("the {user} user does not exist"))),
+            "expected IMDS_LOCKDOWN_USER={user:?} to be refused by name before nft runs; got \
+             {:?}: {stderr}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
 /// `imds-agent doctor` in `host`, as root: its report (it exits 1 when a
 /// check fails, as IMDS does for root under the rule).
 fn run_doctor(host: &Netns) -> String {
