@@ -333,12 +333,22 @@ fn connect(addr: SocketAddr) -> Reach {
 
 /// A TCP connection to `to` from the local address `from`.
 fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    connect_from_within(from, to, None)
+}
+
+/// [`connect_from`], given up after `timeout` (`SO_SNDTIMEO` bounds `connect`).
+fn connect_from_within(
+    from: std::net::IpAddr,
+    to: SocketAddr,
+    timeout: Option<Duration>,
+) -> std::io::Result<TcpStream> {
     use rustix::net::{AddressFamily, SocketType, bind, connect, ipproto, socket};
     let family = match to {
         SocketAddr::V4(_) => AddressFamily::INET,
         SocketAddr::V6(_) => AddressFamily::INET6,
     };
     let fd = socket(family, SocketType::STREAM, Some(ipproto::TCP))?;
+    rustix::net::sockopt::set_socket_timeout(&fd, rustix::net::sockopt::Timeout::Send, timeout)?;
     bind(&fd, &SocketAddr::new(from, 0))?;
     connect(&fd, &to)?;
     Ok(TcpStream::from(fd))
@@ -614,6 +624,35 @@ fn containers_reach_the_endpoint_and_not_imds_through_the_lock_down() {
             status == 400 && body.contains("InvalidIdInRequest"),
             "expected 400 InvalidIdInRequest with a wrong token from {endpoint}, got {status} {}",
             shown(&body)
+        );
+    }
+    // A container cannot pass for the host: sending from the host's own
+    // addresses through the bridge (169.254.0.1 and fd00:ec2::1, on the
+    // uplink), it never completes a handshake. IPv4 drops a local source
+    // arriving from outside as a martian; for IPv6 the handshake's reply
+    // goes to the host itself. Bounded at 2 s: nothing answers.
+    for (spoofed, prefix, endpoint) in [
+        ("169.254.0.1", "32", endpoints()[0]),
+        ("fd00:ec2::1", "128", endpoints()[1]),
+    ] {
+        let spoofed: std::net::IpAddr = spoofed.parse().unwrap();
+        let with_prefix = format!("{spoofed}/{prefix}");
+        topology
+            .container
+            .ip(&["addr", "add", &with_prefix, "dev", "eth0", "nodad"]);
+        let got = topology.container.within(None, move || {
+            connect_from_within(spoofed, endpoint, Some(Duration::from_secs(2)))
+                .map(|_| "connected")
+        });
+        topology
+            .container
+            .ip(&["addr", "del", &with_prefix, "dev", "eth0"]);
+        // The connect itself gave up (EINPROGRESS at the timeout), not the bind.
+        let in_progress = rustix::io::Errno::INPROGRESS.raw_os_error();
+        assert!(
+            matches!(&got, Err(e) if e.raw_os_error() == Some(in_progress)),
+            "expected a container sending from the host's own {spoofed} to get no connection \
+             to {endpoint} (its connect still in progress after 2 s), got {got:?}"
         );
     }
     // A container answering for many addresses on its bridge (here added
