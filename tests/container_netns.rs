@@ -72,8 +72,10 @@ impl Netns {
     fn new(role: &str) -> Self {
         let name = format!("imds-{role}-{}", std::process::id());
         run("ip", &["netns", "add", &name]);
-        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        Self(name)
+        // Owned from here on: removed even if the next step panics.
+        let ns = Self(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
     }
 
     /// `ip -n NAME args`.
