@@ -824,6 +824,10 @@ fn containers_reach_the_endpoint_and_not_imds_through_the_lock_down() {
         doctor.contains("[ok  ] the forward path to IMDS is closed"),
         "expected doctor to report the forward path closed with the rule:\n{doctor}"
     );
+    assert!(
+        doctor.contains("[ok  ] the IMDS lock-down rule is loaded"),
+        "expected doctor to find the rule's output chain whole:\n{doctor}"
+    );
 
     // Removing the rule opens IMDS again, to the container and to the stranger.
     topology

@@ -426,29 +426,56 @@ pub async fn probe_connect(authority: &str) -> bool {
     )
 }
 
-/// Is the lock-down rule loaded?
+/// Is the lock-down rule loaded, its output chain whole?
 fn lockdown() -> Finding {
-    let loaded = std::process::Command::new("nft")
+    let table = std::process::Command::new("nft")
         .args(["list", "table", "inet", "imds_lockdown"])
-        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if loaded {
-        finding(
-            Verdict::Ok,
-            "the IMDS lock-down rule is loaded: only imds-agent reaches IMDS",
-            None,
-        )
-    } else {
-        finding(
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    lockdown_verdict(table.as_deref())
+}
+
+/// The lock-down finding from `nft list table inet imds_lockdown` (`None`
+/// when there is no such table, or it cannot be listed). The table alone
+/// proves nothing: its output chain must reject other users' connections
+/// to both IMDS addresses.
+fn lockdown_verdict(table: Option<&str>) -> Finding {
+    let Some(table) = table else {
+        return finding(
             Verdict::Warn,
             "every local user can reach IMDS (no lock-down rule loaded)",
             Some(
                 "systemctl enable --now imds-lockdown.service (see README, \"Locking IMDS down to the agent\")",
             ),
-        )
+        );
+    };
+    let (v4, v6) = chain_blocks(table, "output", true);
+    if v4 && v6 {
+        return finding(
+            Verdict::Ok,
+            "the IMDS lock-down rule is loaded: only imds-agent reaches IMDS",
+            None,
+        );
     }
+    let open = match (v4, v6) {
+        (true, false) => "fd00:ec2::254 (IPv6)",
+        (false, true) => "169.254.169.254 (IPv4)",
+        _ => "169.254.169.254 and fd00:ec2::254",
+    };
+    finding(
+        Verdict::Warn,
+        format!(
+            "the lock-down table inet imds_lockdown exists, but its output chain does not \
+             reject other users' connections to {open}: every local user can reach it"
+        ),
+        Some(
+            "reload the packaged rule: systemctl restart imds-lockdown.service (see README, \
+             \"Locking IMDS down to the agent\")",
+        ),
+    )
 }
 
 /// Is the forward path to IMDS closed? Containers on a bridge reach IMDS
@@ -486,18 +513,27 @@ fn forward_path() -> Finding {
 /// that also names a source, an interface or anything else leaves the rest
 /// of the path open, so it does not make the path closed.
 fn forward_blocked(ruleset: &str) -> (bool, bool) {
+    chain_blocks(ruleset, "forward", false)
+}
+
+/// Which IMDS addresses (IPv4, IPv6) the base chains on `hook` of
+/// `ruleset`'s `ip`, `ip6` and `inet` tables drop or reject, by rules that
+/// match the address alone ([`blocks_imds`]); with `per_user`, rules that
+/// also spare one user (`meta skuid != USER`) count.
+fn chain_blocks(ruleset: &str, hook: &str, per_user: bool) -> (bool, bool) {
     let (mut v4, mut v6) = (false, false);
-    let (mut routed, mut forward) = (false, false);
+    let (mut routed, mut hooked) = (false, false);
+    let on_hook = format!(" hook {hook} ");
     for line in ruleset.lines().map(str::trim) {
         if let Some(table) = line.strip_prefix("table ") {
             routed = matches!(table.split_whitespace().next(), Some("ip" | "ip6" | "inet"));
-            forward = false;
+            hooked = false;
         } else if line.starts_with("chain ") {
-            forward = false;
-        } else if line.starts_with("type ") && line.contains(" hook forward ") {
-            forward = routed;
-        } else if forward {
-            match blocks_imds(line) {
+            hooked = false;
+        } else if line.starts_with("type ") && line.contains(&on_hook) {
+            hooked = routed;
+        } else if hooked {
+            match blocks_imds(line, per_user) {
                 Some(false) => v4 = true,
                 Some(true) => v6 = true,
                 None => {}
@@ -510,8 +546,9 @@ fn forward_blocked(ruleset: &str) -> (bool, bool) {
 /// Whether `rule` (one line of a chain, as `nft list` prints it) drops or
 /// rejects every packet to IMDS, and for which family (`true`: IPv6); `None`
 /// when it matches anything more than the address (and TCP, or TCP port
-/// 80, which is all IMDS serves) or does not end in `drop` or `reject`.
-fn blocks_imds(rule: &str) -> Option<bool> {
+/// 80, which is all IMDS serves; with `per_user`, one user spared by
+/// `meta skuid != USER`) or does not end in `drop` or `reject`.
+fn blocks_imds(rule: &str, per_user: bool) -> Option<bool> {
     let words: Vec<&str> = rule.split_whitespace().collect();
     let mut rest = &words[..];
     let mut ipv6 = None;
@@ -529,6 +566,7 @@ fn blocks_imds(rule: &str) -> Option<bool> {
                 ipv6 = Some(true);
                 tail
             }
+            ["meta", "skuid", "!=", _, tail @ ..] if per_user => tail,
             ["counter", "packets", _, "bytes", _, tail @ ..] => tail,
             _ => break,
         };
@@ -806,6 +844,69 @@ table inet imds_lockdown {
         );
         let f = forward_verdict(Some(&closed), true, &docker0());
         assert_eq!(f.verdict, Verdict::Ok, "{}\n{closed}", f.what);
+    }
+
+    /// The table alone is not the lock-down: its output chain must reject
+    /// other users' connections to both addresses.
+    #[test]
+    fn the_lock_down_is_loaded_only_with_its_output_chain() {
+        let table = |rules: &[&str]| {
+            format!(
+                "table inet imds_lockdown {{\n\tchain output {{\n\t\ttype filter hook output \
+                 priority filter; policy accept;\n{}\t}}\n}}\n",
+                rules
+                    .iter()
+                    .map(|r| format!("\t\t{r}\n"))
+                    .collect::<String>()
+            )
+        };
+        let loaded = table(&[
+            "meta l4proto tcp ip daddr 169.254.169.254 meta skuid != 998 reject with tcp reset",
+            "meta l4proto tcp ip6 daddr fd00:ec2::254 meta skuid != 998 reject with tcp reset",
+        ]);
+        let f = lockdown_verdict(Some(&loaded));
+        assert_eq!(f.verdict, Verdict::Ok, "{}\n{loaded}", f.what);
+        assert_eq!(lockdown_verdict(Some(LOCKED)).verdict, Verdict::Ok);
+        for (what, listing, open) in [
+            (
+                "an empty table",
+                "table inet imds_lockdown {\n}\n".to_owned(),
+                "169.254.169.254 and fd00:ec2::254",
+            ),
+            (
+                "the forward chain only",
+                LOCKED.split("\tchain output").next().unwrap().to_owned()
+                    + &LOCKED[LOCKED.find("\tchain forward").unwrap()..],
+                "169.254.169.254 and fd00:ec2::254",
+            ),
+            (
+                "IPv4 only",
+                table(&["ip daddr 169.254.169.254 meta skuid != 998 reject"]),
+                "fd00:ec2::254 (IPv6)",
+            ),
+            (
+                "one user refused instead of all but one",
+                table(&[
+                    "ip daddr 169.254.169.254 meta skuid 1000 reject",
+                    "ip6 daddr fd00:ec2::254 meta skuid 1000 reject",
+                ]),
+                "169.254.169.254 and fd00:ec2::254",
+            ),
+        ] {
+            let f = lockdown_verdict(Some(&listing));
+            assert_eq!(
+                f.verdict,
+                Verdict::Warn,
+                "{what}: expected a warning, got {}\n{listing}",
+                f.what
+            );
+            assert!(
+                f.what.contains(open)
+                    && f.fix.as_deref().unwrap().contains("imds-lockdown.service"),
+                "{what}: expected {open:?} named and the fix, got {f:?}"
+            );
+        }
+        assert_eq!(lockdown_verdict(None).verdict, Verdict::Warn);
     }
 
     #[test]
