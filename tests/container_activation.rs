@@ -193,7 +193,7 @@ fn refused(what: &str, fds: Vec<OwnedFd>, names: Option<&str>, expected: &[&str]
 /// A TCP socket bound to `addr` with `FreeBind=yes`, as systemd binds
 /// `imds-agent-container.socket` (`IP_FREEBIND`: the address need not
 /// exist yet; until it does nothing reaches the socket), listening when
-/// `listen`.
+/// `listen` with systemd's default `Backlog=` (`SOMAXCONN`, 4096).
 pub(crate) fn tcp_socket(addr: SocketAddr, listen: bool) -> OwnedFd {
     use rustix::net::{AddressFamily, SocketType, bind, ipproto, socket};
     let family = match addr {
@@ -207,7 +207,7 @@ pub(crate) fn tcp_socket(addr: SocketAddr, listen: bool) -> OwnedFd {
     }
     bind(&fd, &addr).unwrap();
     if listen {
-        rustix::net::listen(&fd, 16).unwrap();
+        rustix::net::listen(&fd, 4096).unwrap();
     }
     fd
 }

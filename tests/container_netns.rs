@@ -72,8 +72,10 @@ impl Netns {
     fn new(role: &str) -> Self {
         let name = format!("imds-{role}-{}", std::process::id());
         run("ip", &["netns", "add", &name]);
-        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        Self(name)
+        // Owned from here on: removed even if the next step panics.
+        let ns = Self(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
     }
 
     /// `ip -n NAME args`.
@@ -329,6 +331,29 @@ fn connect(addr: SocketAddr) -> Reach {
         }
         Err(e) => Reach::Other(format!("{e} after {:?}", start.elapsed())),
     }
+}
+
+/// A TCP connection to `to` from the local address `from`.
+fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    connect_from_within(from, to, None)
+}
+
+/// [`connect_from`], given up after `timeout` (`SO_SNDTIMEO` bounds `connect`).
+fn connect_from_within(
+    from: std::net::IpAddr,
+    to: SocketAddr,
+    timeout: Option<Duration>,
+) -> std::io::Result<TcpStream> {
+    use rustix::net::{AddressFamily, SocketType, bind, connect, ipproto, socket};
+    let family = match to {
+        SocketAddr::V4(_) => AddressFamily::INET,
+        SocketAddr::V6(_) => AddressFamily::INET6,
+    };
+    let fd = socket(family, SocketType::STREAM, Some(ipproto::TCP))?;
+    rustix::net::sockopt::set_socket_timeout(&fd, rustix::net::sockopt::Timeout::Send, timeout)?;
+    bind(&fd, &SocketAddr::new(from, 0))?;
+    connect(&fd, &to)?;
+    Ok(TcpStream::from(fd))
 }
 
 fn imds_addrs() -> [SocketAddr; 2] {
@@ -603,6 +628,91 @@ fn containers_reach_the_endpoint_and_not_imds_through_the_lock_down() {
             shown(&body)
         );
     }
+    // A container cannot pass for the host: sending from the host's own
+    // addresses through the bridge (169.254.0.1 and fd00:ec2::1, on the
+    // uplink), it never completes a handshake. IPv4 drops a local source
+    // arriving from outside as a martian; for IPv6 the handshake's reply
+    // goes to the host itself. Bounded at 2 s: nothing answers.
+    for (spoofed, prefix, endpoint) in [
+        ("169.254.0.1", "32", endpoints()[0]),
+        ("fd00:ec2::1", "128", endpoints()[1]),
+    ] {
+        let spoofed: std::net::IpAddr = spoofed.parse().unwrap();
+        let with_prefix = format!("{spoofed}/{prefix}");
+        topology
+            .container
+            .ip(&["addr", "add", &with_prefix, "dev", "eth0", "nodad"]);
+        let got = topology.container.within(None, move || {
+            connect_from_within(spoofed, endpoint, Some(Duration::from_secs(2)))
+                .map(|_| "connected")
+        });
+        topology
+            .container
+            .ip(&["addr", "del", &with_prefix, "dev", "eth0"]);
+        // The connect itself gave up (EINPROGRESS at the timeout), not the bind.
+        let in_progress = rustix::io::Errno::INPROGRESS.raw_os_error();
+        assert!(
+            matches!(&got, Err(e) if e.raw_os_error() == Some(in_progress)),
+            "expected a container sending from the host's own {spoofed} to get no connection \
+             to {endpoint} (its connect still in progress after 2 s), got {got:?}"
+        );
+    }
+    // A container answering for many addresses on its bridge (here added
+    // with `ip addr`; CAP_NET_RAW could claim them by ARP) gets a per-peer
+    // share for each, but containers together hold at most half the slots
+    // (512 of 1024): nine addresses of 64 connections each fill it, the
+    // container is refused more, and a process on the host is still served.
+    let extra: Vec<std::net::IpAddr> = (100..109)
+        .map(|i| format!("10.200.0.{i}").parse().unwrap())
+        .collect();
+    for address in &extra {
+        topology
+            .container
+            .ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
+    }
+    let endpoint = endpoints()[0];
+    let held = topology.container.within(None, move || {
+        let mut held = Vec::new();
+        for address in extra {
+            for _ in 0..64 {
+                held.push(
+                    connect_from(address, endpoint)
+                        .unwrap_or_else(|e| panic!("connecting from {address} to {endpoint}: {e}")),
+                );
+            }
+        }
+        held
+    });
+    let token_for_container = token.clone();
+    let got = topology.container.within(None, move || {
+        get_credentials(endpoint, Some(&token_for_container))
+    });
+    let got = got.map(|(status, body)| (status, shown(&body)));
+    assert!(
+        matches!(&got, Ok((503, _))),
+        "expected the container, whose other addresses hold 576 connections, to be refused \
+         with 503 once containers hold their 512; got {got:?}"
+    );
+    let token_for_host = token.clone();
+    let got = topology.host.within(Some(stranger), move || {
+        get_credentials(endpoint, Some(&token_for_host))
+    });
+    assert!(
+        matches!(&got, Ok((200, _))),
+        "expected uid {} on the host to be served while containers hold their share, got \
+         status {:?}",
+        stranger.uid,
+        got.map(|(status, _)| status)
+    );
+    drop(held);
+    let token_again = token.clone();
+    wait_for("the container to be served again once it lets go", || {
+        let token = token_again.clone();
+        let got = topology
+            .container
+            .within(None, move || get_credentials(endpoint, Some(&token)));
+        matches!(got, Ok((200, _)))
+    });
     // On the host: another uid gets a reset; the agent's uid gets through.
     for addr in imds_addrs() {
         let got = topology.host.within(Some(stranger), move || connect(addr));
@@ -714,6 +824,10 @@ fn containers_reach_the_endpoint_and_not_imds_through_the_lock_down() {
         doctor.contains("[ok  ] the forward path to IMDS is closed"),
         "expected doctor to report the forward path closed with the rule:\n{doctor}"
     );
+    assert!(
+        doctor.contains("[ok  ] the IMDS lock-down rule is loaded"),
+        "expected doctor to find the rule's output chain whole:\n{doctor}"
+    );
 
     // Removing the rule opens IMDS again, to the container and to the stranger.
     topology
@@ -755,6 +869,45 @@ fn containers_reach_the_endpoint_and_not_imds_through_the_lock_down() {
     }
     drop(emulator);
     drop(topology);
+}
+
+/// `apply-imds-lockdown.sh` refuses an `IMDS_LOCKDOWN_USER` that is not a
+/// user name or uid before it touches the rule: no nft syntax or shell
+/// reaches the rule file, and a name `id` would take as an option (`-u`
+/// names root's uid) is not looked up. Run in a network namespace of its own
+/// (`unshare --net`), so even a rule loaded by mistake would go with it.
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
+fn the_lock_down_script_refuses_a_user_that_is_not_one() {
+    crate::util::require_root();
+    for user in [
+        "-u",
+        "-G",
+        "a;b",
+        "x\" accept #",
+        "0 accept",
+        "$(id)",
+        "no-such-user-imds",
+    ] {
+        let out = Command::new("unshare")
+            .args(["--net", "sh", "-c"])
+            .arg("sh \"$0\" \"$1\" && nft list ruleset")
+            .arg(host_file("apply-imds-lockdown.sh"))
+            .arg(host_file("imds-lockdown.nft"))
+            .env("IMDS_LOCKDOWN_USER", user)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && (stderr.contains(&format!("IMDS_LOCKDOWN_USER='{user}' is not a user name"))
+                    || stderr.contains(&format!("the {user} user does not exist"))),
+            "expected IMDS_LOCKDOWN_USER={user:?} to be refused by name before nft runs; got \
+             {:?}: {stderr}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
 }
 
 /// `imds-agent doctor` in `host`, as root: its report (it exits 1 when a

@@ -5,11 +5,14 @@
 # Usage: apply-imds-lockdown.sh [RULES_FILE]   (run as root, after the user exists)
 # IMDS_LOCKDOWN_USER: the user let through, a name or a numeric uid (default
 # imds-agent, the package's user; tests give the uid their agent runs as).
+# Anything else (a leading '-', which `id` would take as an option, or any
+# character outside [A-Za-z0-9_.-], which could reach the rule's syntax) is
+# refused before the rule is touched.
 set -eu
 rules=${1:-/usr/share/imds-agent/imds-lockdown.nft}
 user=${IMDS_LOCKDOWN_USER:-imds-agent}
 case $user in
-  '' | *[!A-Za-z0-9_.-]*)
+  '' | -* | *[!A-Za-z0-9_.-]*)
     echo "apply-imds-lockdown: IMDS_LOCKDOWN_USER='$user' is not a user name or uid" >&2
     exit 1 ;;
   *[!0-9]*)

@@ -26,8 +26,12 @@
 //! loopback peer is the uid that owns its socket, asked of the kernel at
 //! accept (`http_listener::sock_diag`), so one user cannot take the slots
 //! of all the others. A container on a bridge has no local uid: its
-//! address is the peer. Refusals are counted in `/metrics` and logged
-//! sparingly.
+//! address is the peer. A container can answer for many addresses on its
+//! bridge (added ones, or any it claims with raw packets), so containers
+//! together hold at most half the connection slots ([`BridgeShare`]): a
+//! container flooding from many addresses can crowd out other containers,
+//! never the host's own processes. Refusals are counted in `/metrics` and
+//! logged sparingly.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -43,7 +47,7 @@ use axum::routing::get;
 use imds_client::{ImdsClient, ProviderState, SecretString, SharedTimeSource};
 use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::format::container_credentials_json;
 use crate::http_listener::{Accept, Admission, Peer, Refusal, Refusals, ServerLimits, sock_diag};
@@ -449,13 +453,23 @@ pub async fn serve_all(
             refusals: refusals.clone(),
             consumers,
         });
+    let limits = ServerLimits::default();
+    let bridges = BridgeShare::new(limits.max_connections / 2);
     let admit = |stream: &TcpStream| match (peer_of(stream), stream.local_addr()) {
-        (Some(peer), Ok(local)) => Admission::Serve(
-            peer,
-            app.clone()
+        (Some((peer, bridged)), Ok(local)) => {
+            let router = app
+                .clone()
                 .layer(Extension(peer))
-                .layer(Extension(Local(local))),
-        ),
+                .layer(Extension(Local(local)));
+            if !bridged {
+                return Admission::Serve(peer, router);
+            }
+            // Held by the connection's router, so until the connection ends.
+            match bridges.take() {
+                Some(slot) => Admission::Serve(peer, router.layer(Extension(slot))),
+                None => Admission::Refuse(peer, Refusal::PeerLimit),
+            }
+        }
         _ => Admission::Refuse(
             Peer {
                 addr: stream.peer_addr().ok().map(|a| a.ip()),
@@ -469,13 +483,43 @@ pub async fn serve_all(
             listeners,
             first: AtomicUsize::new(0),
         },
-        ServerLimits::default(),
+        limits,
         refusals,
         admit,
         shutdown,
     )
     .await;
     Ok(())
+}
+
+/// The connection slots containers on local bridges hold, all together.
+///
+/// Each bridge peer is an address, capped like any peer; but a container
+/// can answer for many addresses on its bridge (`ip addr add` with
+/// `CAP_NET_ADMIN`, or any address it claims by ARP or neighbour discovery
+/// with the `CAP_NET_RAW` Docker grants by default), each with its own
+/// per-peer share. This caps them together, so the host's own processes
+/// keep the other slots whatever the containers do.
+#[derive(Debug)]
+struct BridgeShare(Arc<Semaphore>);
+
+/// One connection's place in the [`BridgeShare`]: freed when its router,
+/// which the connection holds until it ends, is dropped.
+#[derive(Debug, Clone)]
+struct BridgeSlot(#[allow(dead_code, reason = "held, never read")] Arc<OwnedSemaphorePermit>);
+
+impl BridgeShare {
+    /// A share of `slots` connections.
+    fn new(slots: usize) -> Self {
+        Self(Arc::new(Semaphore::new(slots)))
+    }
+
+    /// A place for one more connection from behind a bridge, unless the
+    /// containers hold every one already.
+    fn take(&self) -> Option<BridgeSlot> {
+        let permit = self.0.clone().try_acquire_owned().ok()?;
+        Some(BridgeSlot(Arc::new(permit)))
+    }
 }
 
 /// The address a connection came in on: what its `Host` must name.
@@ -527,12 +571,14 @@ impl Drop for AbortOnDrop {
 
 /// Who is at the other end of `stream`: the uid owning a loopback peer's
 /// socket (every local process comes from the same loopback address), and
-/// its address. On the container link, `None` for a peer that is neither
-/// a local process nor a container behind a local bridge (see `origin`).
-fn peer_of(stream: &TcpStream) -> Option<Peer> {
+/// its address; and whether it is a container behind a local bridge. On the
+/// container link, `None` for a peer that is neither a local process nor a
+/// container behind a local bridge (see `origin`).
+fn peer_of(stream: &TcpStream) -> Option<(Peer, bool)> {
     let (Ok(remote), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
-        return Some(Peer::default());
+        return Some((Peer::default(), false));
     };
+    let mut bridged = false;
     let uid = if local.ip().is_loopback() {
         remote
             .ip()
@@ -540,17 +586,21 @@ fn peer_of(stream: &TcpStream) -> Option<Peer> {
             .then(|| sock_diag::tcp_peer_uid(remote, local))
             .flatten()
     } else {
-        match origin::classify(remote.ip(), || sock_diag::tcp_peer_uid(remote, local)) {
+        match origin::classify(remote, || sock_diag::tcp_peer_uid(remote, local)) {
             origin::Origin::Host(uid) => uid,
-            origin::Origin::Bridge(_) => None,
+            origin::Origin::Bridge(_) => {
+                bridged = true;
+                None
+            }
             origin::Origin::Elsewhere => return None,
         }
     };
-    Some(Peer {
+    let peer = Peer {
         uid,
         addr: Some(remote.ip()),
         ..Peer::default()
-    })
+    };
+    Some((peer, bridged))
 }
 
 #[cfg(test)]

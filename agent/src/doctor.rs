@@ -426,29 +426,56 @@ pub async fn probe_connect(authority: &str) -> bool {
     )
 }
 
-/// Is the lock-down rule loaded?
+/// Is the lock-down rule loaded, its output chain whole?
 fn lockdown() -> Finding {
-    let loaded = std::process::Command::new("nft")
+    let table = std::process::Command::new("nft")
         .args(["list", "table", "inet", "imds_lockdown"])
-        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if loaded {
-        finding(
-            Verdict::Ok,
-            "the IMDS lock-down rule is loaded: only imds-agent reaches IMDS",
-            None,
-        )
-    } else {
-        finding(
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    lockdown_verdict(table.as_deref())
+}
+
+/// The lock-down finding from `nft list table inet imds_lockdown` (`None`
+/// when there is no such table, or it cannot be listed). The table alone
+/// proves nothing: its output chain must reject other users' connections
+/// to both IMDS addresses.
+fn lockdown_verdict(table: Option<&str>) -> Finding {
+    let Some(table) = table else {
+        return finding(
             Verdict::Warn,
             "every local user can reach IMDS (no lock-down rule loaded)",
             Some(
                 "systemctl enable --now imds-lockdown.service (see README, \"Locking IMDS down to the agent\")",
             ),
-        )
+        );
+    };
+    let (v4, v6) = chain_blocks(table, "output", true);
+    if v4 && v6 {
+        return finding(
+            Verdict::Ok,
+            "the IMDS lock-down rule is loaded: only imds-agent reaches IMDS",
+            None,
+        );
     }
+    let open = match (v4, v6) {
+        (true, false) => "fd00:ec2::254 (IPv6)",
+        (false, true) => "169.254.169.254 (IPv4)",
+        _ => "169.254.169.254 and fd00:ec2::254",
+    };
+    finding(
+        Verdict::Warn,
+        format!(
+            "the lock-down table inet imds_lockdown exists, but its output chain does not \
+             reject other users' connections to {open}: every local user can reach it"
+        ),
+        Some(
+            "reload the packaged rule: systemctl restart imds-lockdown.service (see README, \
+             \"Locking IMDS down to the agent\")",
+        ),
+    )
 }
 
 /// Is the forward path to IMDS closed? Containers on a bridge reach IMDS
@@ -479,22 +506,76 @@ fn forward_path() -> Finding {
 }
 
 /// Which IMDS addresses (IPv4, IPv6) a forward-hook chain of `ruleset`
-/// (`nft list ruleset`) rejects or drops.
+/// (`nft list ruleset`) rejects or drops for every forwarded packet. Only
+/// tables that see routed traffic count (`ip`, `ip6`, `inet`: a `bridge`
+/// table's forward hook sees frames switched inside a bridge, not traffic
+/// routed to IMDS), and only rules that match the address alone: a rule
+/// that also names a source, an interface or anything else leaves the rest
+/// of the path open, so it does not make the path closed.
 fn forward_blocked(ruleset: &str) -> (bool, bool) {
-    let (mut v4, mut v6, mut forward) = (false, false, false);
+    chain_blocks(ruleset, "forward", false)
+}
+
+/// Which IMDS addresses (IPv4, IPv6) the base chains on `hook` of
+/// `ruleset`'s `ip`, `ip6` and `inet` tables drop or reject, by rules that
+/// match the address alone ([`blocks_imds`]); with `per_user`, rules that
+/// also spare one user (`meta skuid != USER`) count.
+fn chain_blocks(ruleset: &str, hook: &str, per_user: bool) -> (bool, bool) {
+    let (mut v4, mut v6) = (false, false);
+    let (mut routed, mut hooked) = (false, false);
+    let on_hook = format!(" hook {hook} ");
     for line in ruleset.lines().map(str::trim) {
-        if line.starts_with("chain ") {
-            forward = false;
-        } else if line.starts_with("type ") && line.contains(" hook forward ") {
-            forward = true;
-        } else if forward
-            && (line.contains(" reject") || line.ends_with(" drop") || line.contains(" drop "))
-        {
-            v4 |= line.contains("daddr 169.254.169.254 ");
-            v6 |= line.contains("daddr fd00:ec2::254 ");
+        if let Some(table) = line.strip_prefix("table ") {
+            routed = matches!(table.split_whitespace().next(), Some("ip" | "ip6" | "inet"));
+            hooked = false;
+        } else if line.starts_with("chain ") {
+            hooked = false;
+        } else if line.starts_with("type ") && line.contains(&on_hook) {
+            hooked = routed;
+        } else if hooked {
+            match blocks_imds(line, per_user) {
+                Some(false) => v4 = true,
+                Some(true) => v6 = true,
+                None => {}
+            }
         }
     }
     (v4, v6)
+}
+
+/// Whether `rule` (one line of a chain, as `nft list` prints it) drops or
+/// rejects every packet to IMDS, and for which family (`true`: IPv6); `None`
+/// when it matches anything more than the address (and TCP, or TCP port
+/// 80, which is all IMDS serves; with `per_user`, one user spared by
+/// `meta skuid != USER`) or does not end in `drop` or `reject`.
+fn blocks_imds(rule: &str, per_user: bool) -> Option<bool> {
+    let words: Vec<&str> = rule.split_whitespace().collect();
+    let mut rest = &words[..];
+    let mut ipv6 = None;
+    loop {
+        rest = match rest {
+            ["meta", "l4proto", "tcp", tail @ ..]
+            | ["ip", "protocol", "tcp", tail @ ..]
+            | ["ip6", "nexthdr", "tcp", tail @ ..]
+            | ["tcp", "dport", "80", tail @ ..] => tail,
+            ["ip", "daddr", "169.254.169.254", tail @ ..] if ipv6.is_none() => {
+                ipv6 = Some(false);
+                tail
+            }
+            ["ip6", "daddr", "fd00:ec2::254", tail @ ..] if ipv6.is_none() => {
+                ipv6 = Some(true);
+                tail
+            }
+            ["meta", "skuid", "!=", _, tail @ ..] if per_user => tail,
+            ["counter", "packets", _, "bytes", _, tail @ ..] => tail,
+            _ => break,
+        };
+    }
+    match rest {
+        ["drop"] | ["reject"] => ipv6,
+        ["drop" | "reject", "comment", ..] | ["reject", "with", ..] => ipv6,
+        _ => None,
+    }
 }
 
 const HOP_LIMIT: &str =
@@ -677,6 +758,155 @@ table inet imds_lockdown {
         assert_eq!(f.verdict, Verdict::Ok, "{}", f.what);
         assert!(f.what.contains("IP forwarding is off"), "{}", f.what);
         assert!(f.what.contains("hop limit"), "{}", f.what);
+    }
+
+    /// Rules that stop only part of the forwarded traffic to IMDS, or that
+    /// sit where routed traffic never passes, leave the path open.
+    #[test]
+    fn a_partial_or_misplaced_forward_rule_does_not_close_the_path() {
+        let forward = |table: &str, rules: &[&str]| {
+            format!(
+                "table {table} {{\n\tchain forward {{\n\t\ttype filter hook forward priority \
+                 filter; policy accept;\n{}\t}}\n}}\n",
+                rules
+                    .iter()
+                    .map(|r| format!("\t\t{r}\n"))
+                    .collect::<String>()
+            )
+        };
+        for (what, ruleset) in [
+            (
+                "only one source",
+                forward(
+                    "inet filter",
+                    &[
+                        "ip saddr 10.1.2.3 ip daddr 169.254.169.254 drop",
+                        "ip6 saddr fd00:1::3 ip6 daddr fd00:ec2::254 drop",
+                    ],
+                ),
+            ),
+            (
+                "only one bridge",
+                forward(
+                    "inet filter",
+                    &[
+                        "iifname \"docker0\" ip daddr 169.254.169.254 reject",
+                        "iifname \"docker0\" ip6 daddr fd00:ec2::254 reject",
+                    ],
+                ),
+            ),
+            (
+                "new connections only",
+                forward(
+                    "inet filter",
+                    &[
+                        "ct state new ip daddr 169.254.169.254 drop",
+                        "ct state new ip6 daddr fd00:ec2::254 drop",
+                    ],
+                ),
+            ),
+            (
+                "a bridge table (switched frames, not routed traffic)",
+                forward(
+                    "bridge filter",
+                    &[
+                        "ip daddr 169.254.169.254 drop",
+                        "ip6 daddr fd00:ec2::254 drop",
+                    ],
+                ),
+            ),
+            (
+                "a rule that only counts",
+                forward(
+                    "inet filter",
+                    &[
+                        "ip daddr 169.254.169.254 counter packets 0 bytes 0 comment \"reject\"",
+                        "ip6 daddr fd00:ec2::254 counter packets 0 bytes 0 comment \"drop\"",
+                    ],
+                ),
+            ),
+        ] {
+            let f = forward_verdict(Some(&ruleset), true, &docker0());
+            assert_eq!(
+                f.verdict,
+                Verdict::Warn,
+                "{what}: expected the forward path reported open, got {}\n{ruleset}",
+                f.what
+            );
+        }
+        // The same chain, rules unconditional, with counters and comments: closed.
+        let closed = forward(
+            "inet filter",
+            &[
+                "ip daddr 169.254.169.254 counter packets 3 bytes 180 drop comment \"imds\"",
+                "meta l4proto tcp ip6 daddr fd00:ec2::254 tcp dport 80 reject with tcp reset",
+            ],
+        );
+        let f = forward_verdict(Some(&closed), true, &docker0());
+        assert_eq!(f.verdict, Verdict::Ok, "{}\n{closed}", f.what);
+    }
+
+    /// The table alone is not the lock-down: its output chain must reject
+    /// other users' connections to both addresses.
+    #[test]
+    fn the_lock_down_is_loaded_only_with_its_output_chain() {
+        let table = |rules: &[&str]| {
+            format!(
+                "table inet imds_lockdown {{\n\tchain output {{\n\t\ttype filter hook output \
+                 priority filter; policy accept;\n{}\t}}\n}}\n",
+                rules
+                    .iter()
+                    .map(|r| format!("\t\t{r}\n"))
+                    .collect::<String>()
+            )
+        };
+        let loaded = table(&[
+            "meta l4proto tcp ip daddr 169.254.169.254 meta skuid != 998 reject with tcp reset",
+            "meta l4proto tcp ip6 daddr fd00:ec2::254 meta skuid != 998 reject with tcp reset",
+        ]);
+        let f = lockdown_verdict(Some(&loaded));
+        assert_eq!(f.verdict, Verdict::Ok, "{}\n{loaded}", f.what);
+        assert_eq!(lockdown_verdict(Some(LOCKED)).verdict, Verdict::Ok);
+        for (what, listing, open) in [
+            (
+                "an empty table",
+                "table inet imds_lockdown {\n}\n".to_owned(),
+                "169.254.169.254 and fd00:ec2::254",
+            ),
+            (
+                "the forward chain only",
+                LOCKED.split("\tchain output").next().unwrap().to_owned()
+                    + &LOCKED[LOCKED.find("\tchain forward").unwrap()..],
+                "169.254.169.254 and fd00:ec2::254",
+            ),
+            (
+                "IPv4 only",
+                table(&["ip daddr 169.254.169.254 meta skuid != 998 reject"]),
+                "fd00:ec2::254 (IPv6)",
+            ),
+            (
+                "one user refused instead of all but one",
+                table(&[
+                    "ip daddr 169.254.169.254 meta skuid 1000 reject",
+                    "ip6 daddr fd00:ec2::254 meta skuid 1000 reject",
+                ]),
+                "169.254.169.254 and fd00:ec2::254",
+            ),
+        ] {
+            let f = lockdown_verdict(Some(&listing));
+            assert_eq!(
+                f.verdict,
+                Verdict::Warn,
+                "{what}: expected a warning, got {}\n{listing}",
+                f.what
+            );
+            assert!(
+                f.what.contains(open)
+                    && f.fix.as_deref().unwrap().contains("imds-lockdown.service"),
+                "{what}: expected {open:?} named and the fix, got {f:?}"
+            );
+        }
+        assert_eq!(lockdown_verdict(None).verdict, Verdict::Warn);
     }
 
     #[test]
