@@ -715,3 +715,45 @@ fn count(haystack: &[u8], needle: &[u8]) -> usize {
         .filter(|w| *w == needle)
         .count()
 }
+
+/// An agent without `CAP_CHOWN` (as under the packaged unit) asked to give
+/// its file to a group it is not in: the refusal names the file, the reason
+/// and the fix (`SupplementaryGroups=`, `SystemCallFilter=@chown`), instead of
+/// a bare "Operation not permitted".
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
+async fn a_file_group_the_agent_is_not_in_is_refused_with_the_fix() {
+    let stranger = Stranger::new();
+    let host = Host::new();
+    let home = stranger.home(&host.path("out"));
+    let imds = MockImds::builder().role("r").start().await.unwrap();
+    let credentials = home.join("credentials");
+    let socket = home.join("agent.sock");
+    let mut cmd = stranger.command(env!("CARGO_BIN_EXE_imds-agent"));
+    cmd.arg("run")
+        .arg("--imds-endpoint")
+        .arg(imds.endpoint())
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--credentials-file")
+        .arg(&credentials)
+        .args(["--file-mode", "0640", "--file-group", "0"]);
+    let log = host.path("agent.log");
+    let running = Running::start_logging_to(cmd, &log);
+    wait_for("the refused change of group in the log", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("changing the owner of"))
+    });
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logs.contains(&credentials.display().to_string())
+            && logs.contains("a group it is a member of")
+            && logs.contains("SupplementaryGroups=")
+            && logs.contains("SystemCallFilter=@chown"),
+        "expected the file, the reason and the fix named, got: {logs}"
+    );
+    assert!(
+        !credentials.exists(),
+        "no file was left with the wrong group"
+    );
+    drop(running);
+}

@@ -143,7 +143,8 @@ pub async fn run(
         exe.display(),
         socket.display()
     );
-    println!("Change the role the way the EC2 console would (the agent follows within a second):");
+    println!("Change the role the way the EC2 console would (the agent follows within a second;");
+    println!("a rotation alone shows at its next refresh, or at once after `imds-agent refresh`):");
     println!("  curl -X PUT --data other-role {endpoint}/_mock/role     # replace");
     println!("  curl -X DELETE {endpoint}/_mock/role                    # detach");
     println!("  curl -X PUT --data demo-role {endpoint}/_mock/role      # attach again");

@@ -448,7 +448,7 @@ fn lockdown_verdict(table: Option<&str>) -> Finding {
             Verdict::Warn,
             "every local user can reach IMDS (no lock-down rule loaded)",
             Some(
-                "systemctl enable --now imds-lockdown.service (see README, \"Locking IMDS down to the agent\")",
+                "systemctl enable --now /usr/share/imds-agent/imds-lockdown.service (see README, \"Locking IMDS down to the agent\")",
             ),
         );
     };

@@ -227,7 +227,12 @@ impl<'a> PrivateDir<'a> {
                 Some(Gid::from_raw(gid)),
                 AtFlags::SYMLINK_NOFOLLOW,
             )
-            .with_context(|| format!("setting the group of {} to {gid}", path.display()))?;
+            .map_err(|e| {
+                crate::trust::chown_refused(
+                    e,
+                    &format!("setting the group of {} to {gid}", path.display()),
+                )
+            })?;
         }
         rustix::fs::chmodat(
             &self.fd,

@@ -215,6 +215,23 @@ enum Missing {
     Create,
 }
 
+/// Why giving a file or socket to another owner or group was refused, and
+/// the fix: without `CAP_CHOWN` a process may give a file only to a group it
+/// is in, and the packaged unit also filters the `chown` calls.
+pub(crate) fn chown_refused(errno: rustix::io::Errno, what: &str) -> anyhow::Error {
+    if errno == rustix::io::Errno::PERM {
+        anyhow::anyhow!(
+            "{what}: {errno}. Without CAP_CHOWN the agent may give a file only to a group it \
+             is a member of. Fix: make the agent's user a member of that group (under \
+             systemd: `systemctl edit imds-agent`, [Service] SupplementaryGroups=GROUP and \
+             SystemCallFilter=@chown), or, for another owner, also grant CAP_CHOWN \
+             (README, \"Outputs inside the sandbox\")"
+        )
+    } else {
+        anyhow::Error::new(std::io::Error::from(errno)).context(what.to_owned())
+    }
+}
+
 /// Opens and checks the directory `path` (see the module docs).
 pub fn open_dir(path: &Path, trust: &Trust) -> anyhow::Result<TrustedDir> {
     let (dir, _) = walk(start(path)?, path, trust, Missing::Error, false)?

@@ -1,7 +1,8 @@
 //! Which consumer a container is: the token it presents.
 //!
-//! The container-credentials endpoint cannot see a peer's uid (a container's
-//! requests arrive over loopback TCP), so each consumer with a
+//! The container-credentials endpoint cannot tell consumers apart by uid (a
+//! container on a bridge has no local uid, and a loopback TCP peer's is only
+//! a hint), so each consumer with a
 //! `container_token_file` is told apart by its token: a container presenting
 //! that file's content as `Authorization` gets that consumer's credentials.
 //!

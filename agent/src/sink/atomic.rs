@@ -537,7 +537,7 @@ fn set_mode_and_owner(file: &File, shown: &str, options: &FileOptions) -> anyhow
             options.owner.map(rustix::fs::Uid::from_raw),
             options.group.map(rustix::fs::Gid::from_raw),
         )
-        .with_context(|| format!("changing the owner of {shown}"))?;
+        .map_err(|e| crate::trust::chown_refused(e, &format!("changing the owner of {shown}")))?;
     }
     rustix::fs::fchmod(file, rustix::fs::Mode::from_raw_mode(options.mode))
         .with_context(|| format!("setting the mode of {shown}"))
