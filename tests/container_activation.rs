@@ -213,7 +213,7 @@ pub(crate) fn tcp_socket(addr: SocketAddr, listen: bool) -> OwnedFd {
 }
 
 #[test]
-fn a_passed_socket_of_a_wrong_name_kind_or_address_is_refused() {
+fn a_passed_socket_of_a_wrong_name_or_kind_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let unix = |name: &str| OwnedFd::from(UnixListener::bind(dir.path().join(name)).unwrap());
     let loopback = || OwnedFd::from(TcpListener::bind("127.0.0.1:0").unwrap());
@@ -247,26 +247,6 @@ fn a_passed_socket_of_a_wrong_name_kind_or_address_is_refused() {
         Some("credentials"),
         &["credential socket (fd 3", "not a Unix stream socket"],
     );
-    // Addresses the endpoint refuses: each is named in the error. Bound with
-    // IP_FREEBIND on addresses this host does not have: nothing reaches them.
-    for addr in [
-        "192.0.2.1:8901",
-        "169.254.169.254:8901",
-        "[2001:db8::1]:8901",
-    ] {
-        let addr: SocketAddr = addr.parse().unwrap();
-        refused(
-            &format!("a container socket on {addr}"),
-            vec![tcp_socket(addr, true)],
-            Some("container"),
-            &[
-                &format!("listens on {addr}, which is refused"),
-                "169.254.170.23:PORT",
-                "[fd00:ec2::23]:PORT",
-                "loopback",
-            ],
-        );
-    }
     refused(
         "a TCP socket that is not listening",
         vec![tcp_socket("127.0.0.1:0".parse().unwrap(), false)],
@@ -285,4 +265,49 @@ fn a_passed_socket_of_a_wrong_name_kind_or_address_is_refused() {
         Some("container:credentials"),
         &["passed 1 sockets (LISTEN_FDS) but named 2"],
     );
+}
+
+/// A listening socket on `addr` made in a network namespace of its own (a
+/// thread unshares one, binds with `IP_FREEBIND` and returns the socket; the
+/// namespace goes with the socket): addresses this host must never listen on
+/// are bound nowhere the host's network can see.
+#[allow(
+    unsafe_code,
+    reason = "unshare(2) is unsafe in rustix only for CLONE_FILES, not used here"
+)]
+fn tcp_socket_in_a_private_namespace(addr: SocketAddr) -> OwnedFd {
+    std::thread::spawn(move || {
+        // SAFETY: only the network namespace is unshared, and only for this
+        // thread, which ends after binding; no file descriptor table changes.
+        unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }
+            .expect("unshare(CLONE_NEWNET): run the suite as root");
+        tcp_socket(addr, true)
+    })
+    .join()
+    .unwrap()
+}
+
+/// Sockets on addresses the endpoint refuses: each is named in the error
+/// with the accepted forms.
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: run the suite as root, as CI does")]
+fn a_passed_socket_on_a_refused_address_is_named_with_the_accepted_forms() {
+    for addr in [
+        "192.0.2.1:8901",
+        "169.254.169.254:8901",
+        "[2001:db8::1]:8901",
+    ] {
+        let addr: SocketAddr = addr.parse().unwrap();
+        refused(
+            &format!("a container socket on {addr}"),
+            vec![tcp_socket_in_a_private_namespace(addr)],
+            Some("container"),
+            &[
+                &format!("listens on {addr}, which is refused"),
+                "169.254.170.23:PORT",
+                "[fd00:ec2::23]:PORT",
+                "loopback",
+            ],
+        );
+    }
 }
