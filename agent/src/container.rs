@@ -28,7 +28,7 @@
 //! of all the others. A container on a bridge has no local uid: its
 //! address is the peer. A container can answer for many addresses on its
 //! bridge (added ones, or any it claims with raw packets), so containers
-//! together hold at most half the connection slots ([`BridgeShare`]): a
+//! together hold at most half the connection slots (`BridgeShare`): a
 //! container flooding from many addresses can crowd out other containers,
 //! never the host's own processes. Refusals are counted in `/metrics` and
 //! logged sparingly.
