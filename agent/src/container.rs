@@ -31,7 +31,9 @@
 //! together hold at most half the connection slots (`BridgeShare`): a
 //! container flooding from many addresses can crowd out other containers,
 //! never the host's own processes. Refusals are counted in `/metrics` and
-//! logged sparingly.
+//! logged sparingly; with a config file, the audit records of refusals and
+//! errors are limited per peer and reason as on the socket
+//! (`audit_limit`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -49,6 +51,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
+use crate::audit_limit::AuditLimit;
 use crate::format::container_credentials_json;
 use crate::http_listener::{Accept, Admission, Peer, Refusal, Refusals, ServerLimits, sock_diag};
 use crate::metrics::Metrics;
@@ -97,6 +100,8 @@ struct App {
     profile: watch::Receiver<Option<InstanceProfile>>,
     clock: SharedTimeSource,
     refusals: Arc<Refusals>,
+    /// Limits the audit records of refusals and errors ([`crate::audit_limit`]).
+    audits: Arc<AuditLimit>,
     consumers: Option<ContainerConsumers>,
 }
 
@@ -256,14 +261,17 @@ async fn credentials(
         let reason = "the agent's own container token gets nothing while the config file says \
                       unmatched = \"deny\": give the container a consumer's \
                       container_token_file, or set unmatched = \"instance-role\"";
-        crate::broker::handout::audit_ids(
-            "",
-            "container",
-            (peer.uid, None, None),
-            None,
-            "denied",
-            Some(reason),
-        );
+        consumers.consumers.broker.count_refusal(false);
+        if app.audits.admit(peer.key(), "container", "denied", reason) {
+            crate::broker::handout::audit_ids(
+                "",
+                "container",
+                (peer.uid, None, None),
+                None,
+                "denied",
+                Some(reason),
+            );
+        }
         return refuse(ErrorCode::AccessDenied, reason);
     }
     if !instance_token {
@@ -338,14 +346,16 @@ async fn for_consumer(
         }
         Err(e) => {
             let message = e.to_string();
-            crate::broker::handout::audit_ids(
-                name,
-                "container",
-                ids,
-                None,
-                "error",
-                Some(&message),
-            );
+            if app.audits.admit(peer.key(), "container", "error", &message) {
+                crate::broker::handout::audit_ids(
+                    name,
+                    "container",
+                    ids,
+                    None,
+                    "error",
+                    Some(&message),
+                );
+            }
             let code = match e {
                 crate::broker::cache::BrokerError::NoInstanceRole => {
                     ErrorCode::NoCredentialsAssociated
@@ -451,6 +461,7 @@ pub async fn serve_all(
             profile,
             clock,
             refusals: refusals.clone(),
+            audits: Arc::default(),
             consumers,
         });
     let limits = ServerLimits::default();
@@ -626,18 +637,24 @@ mod tests {
 
     impl Endpoint {
         async fn start(state: ProviderState) -> Self {
+            Self::start_with(state, None).await
+        }
+
+        /// As [`Endpoint::start`], with a config file's consumers.
+        async fn start_with(state: ProviderState, consumers: Option<ContainerConsumers>) -> Self {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let metrics = Arc::new(Metrics::default());
             let (state, rx) = watch::channel(state);
             let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let server = tokio::spawn(serve_with_metrics(
+            let server = tokio::spawn(serve_for_consumers(
                 listener,
                 SecretString::new(TOKEN.to_owned()),
                 rx,
                 SharedTimeSource::default(),
                 metrics.clone(),
                 None,
+                consumers,
                 async {
                     let _ = stop_rx.await;
                 },
@@ -746,6 +763,150 @@ mod tests {
             },
             last_error: None,
         }
+    }
+
+    /// Another token than the agent's: consumer "billing"'s.
+    const BILLING_TOKEN: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+
+    /// Consumer "billing" with a container token, under `unmatched =
+    /// "deny"`; its STS is never reached (the tests ask nothing of it).
+    fn billing() -> ContainerConsumers {
+        use crate::broker::assumer::StsAssumer;
+        use crate::broker::sts::StsClient;
+        let config = crate::broker::config::Config::parse(
+            "unmatched = \"deny\"\n[[consumer]]\nname = \"billing\"\nuids = [4242]\n",
+            std::path::Path::new("/etc/imds-agent/agent.toml"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let imds = ImdsClient::builder()
+            .endpoint("http://127.0.0.1:9")
+            .unwrap()
+            .build()
+            .unwrap();
+        let assumer = StsAssumer::new(imds, || {
+            StsClient::builder().env(imds_client::config::Env::from_pairs([(
+                "AWS_ENDPOINT_URL_STS",
+                "http://127.0.0.1:9".to_owned(),
+            )]))
+        })
+        .unwrap();
+        let broker = crate::broker::cache::Broker::builder(assumer)
+            .config(&config)
+            .build();
+        let mut tokens = crate::broker::tokens::ConsumerTokens::default();
+        tokens
+            .insert(
+                "billing",
+                SecretString::new(BILLING_TOKEN.to_owned()),
+                std::path::Path::new("/etc/imds-agent/billing.token"),
+            )
+            .unwrap();
+        ContainerConsumers {
+            tokens: Arc::new(tokens),
+            consumers: crate::broker::handout::Consumers {
+                config: Arc::new(config),
+                broker,
+            },
+        }
+    }
+
+    /// A container looping with the agent's own token, which `unmatched =
+    /// "deny"` refuses: every request is a 403 and counted, but the audit
+    /// log gets one full record per interval (then how many were not
+    /// written), not one per request; another reason is recorded on its own.
+    #[tokio::test(start_paused = true)]
+    #[tracing_test::traced_test]
+    async fn a_refused_container_is_audited_once_per_interval_not_per_request() {
+        let consumers = billing();
+        let broker = consumers.consumers.broker.clone();
+        let endpoint = Endpoint::start_with(active(3600), Some(consumers)).await;
+        let own = format!("Authorization: {TOKEN}\r\nConnection: close\r\n");
+        let records = |lines: &[&str], result: &str| {
+            lines
+                .iter()
+                .filter(|l| {
+                    l.contains("imds_agent::audit")
+                        && l.contains("credentials refused")
+                        && l.contains(&format!("result=\"{result}\""))
+                })
+                .count()
+        };
+        let started = tokio::time::Instant::now();
+        for _ in 0..50 {
+            let (head, body) = endpoint.get(&own).await;
+            let (status, code, _) = error_of(&head, &body);
+            assert_eq!((status, code.as_str()), (403, "AccessDenied"), "{body}");
+        }
+        assert!(
+            started.elapsed() < crate::audit_limit::REFUSAL_SUMMARY_INTERVAL,
+            "the 50 requests took {:?} of tokio time",
+            started.elapsed()
+        );
+        assert_eq!(
+            broker.refusals(),
+            (50, 0),
+            "every refusal is counted in imds_agent_consumer_refused_requests_total"
+        );
+        logs_assert(|lines| match records(lines, "denied") {
+            1 => Ok(()),
+            n => Err(format!(
+                "expected one audit record for 50 refusals within the interval, saw {n}"
+            )),
+        });
+
+        // Another reason within the interval: consumer billing's token
+        // while no role is attached is recorded in full at once.
+        endpoint.state.send_replace(ProviderState::NoRole);
+        let billing = format!("Authorization: {BILLING_TOKEN}\r\nConnection: close\r\n");
+        for _ in 0..3 {
+            let (head, body) = endpoint.get(&billing).await;
+            let (status, code, _) = error_of(&head, &body);
+            assert_eq!(
+                (status, code.as_str()),
+                (400, "NoCredentialsAssociated"),
+                "{body}"
+            );
+        }
+        logs_assert(
+            |lines| match (records(lines, "denied"), records(lines, "error")) {
+                (1, 1) => Ok(()),
+                (denied, error) => Err(format!(
+                    "expected the other reason recorded once on its own (1 denied, 1 error), \
+                 saw {denied} denied and {error} error records"
+                )),
+            },
+        );
+        endpoint.state.send_replace(active(3600));
+
+        // After the interval: the count of the refusals not written, then
+        // the next refusal in full.
+        tokio::time::advance(crate::audit_limit::REFUSAL_SUMMARY_INTERVAL).await;
+        let (head, _) = endpoint.get(&own).await;
+        assert!(head.starts_with("http/1.1 403"), "{head}");
+        logs_assert(|lines| match records(lines, "denied") {
+            2 => Ok(()),
+            n => Err(format!(
+                "expected a second full record after the interval, saw {n}"
+            )),
+        });
+        logs_assert(|lines| {
+            let summaries: Vec<&&str> = lines
+                .iter()
+                .filter(|l| l.contains("more refusals of uid 0 for this reason were counted"))
+                .collect();
+            match summaries.as_slice() {
+                [one]
+                    if one.contains("49 more refusals") && one.contains("output=\"container\"") =>
+                {
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "expected one record of the 49 refusals not written one by one, saw {summaries:#?}"
+                )),
+            }
+        });
+        assert_eq!(broker.refusals(), (51, 0));
+        endpoint.stop().await;
     }
 
     #[tokio::test]

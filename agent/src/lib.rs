@@ -4,6 +4,7 @@
 //! drive them; `main.rs` only parses the command line, sets up logging and
 //! maps errors to exit codes.
 
+mod audit_limit;
 pub mod broker;
 pub mod cli;
 pub mod container;

@@ -13,9 +13,18 @@
 //! after `retry_interval`, or at once when newer content is wanted; while an
 //! output's last write failed it counts in the `imds_agent_outputs_failing`
 //! gauge (and `degraded` health) until a write succeeds.
+//!
+//! A failing output is logged sparingly: its first failure in full, then
+//! at most one line per [`FAILURE_REPORT_INTERVAL`] while it keeps failing
+//! (how many tries failed since the last line, and the latest cause; a new
+//! cause is logged at once), and one line when it is written again. A full
+//! disk so costs about one line a minute per output, not one per retry;
+//! `imds_agent_output_failures_total` still counts every failed try.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use imds_client::RoleCredentials;
 use tokio::sync::{mpsc, watch};
@@ -51,6 +60,9 @@ impl Default for WriteLimits {
     }
 }
 
+/// While an output keeps failing, at most one log line per this long.
+pub const FAILURE_REPORT_INTERVAL: Duration = Duration::from_secs(60);
+
 /// A version of the wanted content: writers report which one they hold.
 type Generation = u64;
 
@@ -82,6 +94,7 @@ impl Outputs {
                     metrics: metrics.clone(),
                     applied: applied_tx.clone(),
                     failing: false,
+                    trouble: None,
                 }
                 .run(rx),
             ));
@@ -156,6 +169,39 @@ struct Writer {
     applied: mpsc::UnboundedSender<(usize, Generation)>,
     /// Whether this output's last write failed (counted in the gauge).
     failing: bool,
+    /// While this output keeps failing: what its log has said so far.
+    trouble: Option<Trouble>,
+}
+
+/// Why a write failed.
+struct Failure {
+    /// The cause, as logged.
+    cause: String,
+    /// The write panicked (or was cancelled) rather than returned an error.
+    panicked: bool,
+}
+
+impl Failure {
+    /// Logs this failure in full.
+    fn log(&self, output: &str) {
+        if self.panicked {
+            tracing::error!(output, cause = %self.cause, "an output write failed; will retry");
+        } else {
+            tracing::error!(output, cause = %self.cause, "could not update an output; will retry");
+        }
+    }
+}
+
+/// A run of failed writes of one output, as far as the log has told it.
+struct Trouble {
+    /// Failed tries since the run began.
+    tries: u64,
+    /// Failed tries not in the log since its last line.
+    unreported: u64,
+    /// When the last line was logged.
+    reported_at: Instant,
+    /// The cause the last line gave.
+    cause: String,
 }
 
 impl Writer {
@@ -179,7 +225,9 @@ impl Writer {
             let retry = match job {
                 None => false,
                 Some((generation, job)) => {
-                    let ok = self.write(job).await;
+                    let failure = self.write(job).await;
+                    let ok = failure.is_none();
+                    self.report(failure);
                     self.set_failing(!ok);
                     if ok {
                         let _ = self.applied.send((self.index, generation));
@@ -199,8 +247,57 @@ impl Writer {
         }
     }
 
-    /// One write on the blocking pool; true when it succeeded.
-    async fn write(&self, job: Wanted) -> bool {
+    /// Logs a write's outcome sparingly (module docs): a first failure,
+    /// or a new cause, in full; further failures in one line per
+    /// [`FAILURE_REPORT_INTERVAL`]; the first success after failures.
+    fn report(&mut self, failure: Option<Failure>) {
+        let output = self.sink.name();
+        let now = Instant::now();
+        match (failure, &mut self.trouble) {
+            (None, None) => {}
+            (None, Some(trouble)) => {
+                tracing::info!(
+                    output,
+                    failed_tries = trouble.tries,
+                    "output written again after {} failed tries",
+                    trouble.tries
+                );
+                self.trouble = None;
+            }
+            (Some(failure), None) => {
+                failure.log(output);
+                self.trouble = Some(Trouble {
+                    tries: 1,
+                    unreported: 0,
+                    reported_at: now,
+                    cause: failure.cause,
+                });
+            }
+            (Some(failure), Some(trouble)) => {
+                trouble.tries += 1;
+                trouble.unreported += 1;
+                if failure.cause != trouble.cause {
+                    failure.log(output);
+                } else if now.duration_since(trouble.reported_at) >= FAILURE_REPORT_INTERVAL {
+                    tracing::error!(
+                        output,
+                        cause = %failure.cause,
+                        failed_tries = trouble.unreported,
+                        "an output still cannot be updated: {} more failed tries since the last report; will retry",
+                        trouble.unreported
+                    );
+                } else {
+                    return;
+                }
+                trouble.unreported = 0;
+                trouble.reported_at = now;
+                trouble.cause = failure.cause;
+            }
+        }
+    }
+
+    /// One write on the blocking pool; `None` when it succeeded.
+    async fn write(&self, job: Wanted) -> Option<Failure> {
         let sink = self.sink.clone();
         let mut task = tokio::task::spawn_blocking(move || match &job {
             Wanted::Credentials(c) => sink.publish(c),
@@ -226,21 +323,21 @@ impl Writer {
         match joined {
             Ok(Ok(())) => {
                 tracing::debug!(output = name, "output updated");
-                true
+                None
             }
             Ok(Err(e)) => {
                 self.metrics.sink_failed();
-                tracing::error!(
-                    output = name,
-                    cause = format!("{e:#}"),
-                    "could not update an output; will retry"
-                );
-                false
+                Some(Failure {
+                    cause: format!("{e:#}"),
+                    panicked: false,
+                })
             }
             Err(e) => {
                 self.metrics.sink_failed();
-                tracing::error!(output = name, cause = %e, "an output write failed; will retry");
-                false
+                Some(Failure {
+                    cause: e.to_string(),
+                    panicked: true,
+                })
             }
         }
     }
@@ -388,6 +485,75 @@ mod tests {
         assert_eq!(metrics.outputs_failing(), 0, "no longer failing");
         outputs.set(Wanted::Credentials(creds(1)));
         assert!(outputs.all_applied(), "the same content asks for no write");
+        outputs.stop(Duration::from_secs(1)).await;
+    }
+
+    /// A full disk for ten minutes: every try is counted, but the log gets
+    /// the first failure, about one line a minute, and one line when the
+    /// output is written again.
+    #[tokio::test(start_paused = true)]
+    #[tracing_test::traced_test]
+    async fn a_failing_output_logs_once_a_minute_and_once_when_it_recovers() {
+        let metrics = Arc::new(Metrics::default());
+        let sink = Arc::new(Gate::default());
+        sink.release();
+        sink.fail.store(true, Ordering::SeqCst);
+        let limits = WriteLimits::default();
+        let mut outputs = Outputs::start(vec![sink.clone()], limits, metrics.clone());
+        outputs.set(Wanted::Credentials(creds(1)));
+        tokio::time::sleep(Duration::from_secs(600) + Duration::from_millis(1)).await;
+        let tries = sink.writes.load(Ordering::SeqCst) as u64;
+        assert!(
+            (120..=121).contains(&tries),
+            "one try every {:?} for ten minutes: {tries}",
+            limits.retry_interval
+        );
+        let failures = metrics
+            .render(
+                &imds_client::ProviderState::Starting,
+                SystemTime::UNIX_EPOCH,
+            )
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("imds_agent_output_failures_total ")?
+                    .parse::<u64>()
+                    .ok()
+            });
+        assert_eq!(failures, Some(tries), "every failed try is counted");
+        assert_eq!(metrics.outputs_failing(), 1, "still failing");
+        sink.fail.store(false, Ordering::SeqCst);
+        assert!(outputs.next_applied().await, "the retry succeeded");
+        logs_assert(|lines| {
+            let count = |text: &str| lines.iter().filter(|l| l.contains(text)).count();
+            let first = count("could not update an output; will retry");
+            let summaries: Vec<&&str> = lines
+                .iter()
+                .filter(|l| l.contains("an output still cannot be updated"))
+                .collect();
+            let recovered = count("output written again after");
+            if first != 1 || !(9..=10).contains(&summaries.len()) || recovered != 1 {
+                return Err(format!(
+                    "expected the first failure once, 9 or 10 summaries and one recovery line; \
+                     saw {first}, {} and {recovered}:\n{}",
+                    summaries.len(),
+                    lines.join("\n")
+                ));
+            }
+            if !summaries
+                .iter()
+                .all(|l| l.contains("the disk is full") && l.contains("12 more failed tries"))
+            {
+                return Err(format!(
+                    "expected each summary to give the cause and the 12 tries of its minute: {summaries:#?}"
+                ));
+            }
+            Ok(())
+        });
+        assert!(
+            logs_contain(&format!("output written again after {tries} failed tries")),
+            "expected the recovery line to count all {tries} failed tries"
+        );
+        assert_eq!(metrics.outputs_failing(), 0, "no longer failing");
         outputs.stop(Duration::from_secs(1)).await;
     }
 

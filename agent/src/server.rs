@@ -32,12 +32,13 @@ use imds_client::{ProviderState, RoleCredentials, SharedTimeSource};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
+use crate::audit_limit::AuditLimit;
 use crate::broker::config::Match;
 use crate::broker::handout::{self, Consumers, PeerId};
 use crate::format::credential_process_json;
 pub use crate::http_listener::ServerLimits;
 use crate::http_listener::{
-    Admission, ConnectionControl, Peer, REFUSAL_SUMMARY_INTERVAL, Refusal, Refusals, serve_limited,
+    Admission, ConnectionControl, Peer, PeerKey, Refusal, Refusals, serve_limited,
 };
 use crate::long_poll::{self, ETag};
 use crate::metrics::Metrics;
@@ -123,57 +124,6 @@ pub struct CredentialSocket {
     pub consumers: Option<Consumers>,
 }
 
-/// Refusals by the config (a peer no consumer claims, or whose groups lead
-/// to two) are audited in full at most once per peer uid and reason per
-/// [`REFUSAL_SUMMARY_INTERVAL`]; the ones between are counted, and the
-/// next full record is preceded by one record of how many were not
-/// written. A user who loops on `GET /credentials` so costs a few lines a
-/// minute, not one per request (which would push real audit records past
-/// journald's rate limit); every refusal is still counted in
-/// `imds_agent_consumer_refused_requests_total`.
-#[derive(Debug, Default)]
-struct Denials {
-    /// Per uid and reason: when its last record was written, and refusals since.
-    last: std::sync::Mutex<std::collections::HashMap<(u32, String), (tokio::time::Instant, u64)>>,
-}
-
-/// Uids whose refusals are tracked one by one; beyond, they share one entry.
-const MAX_TRACKED_DENIED: usize = 1024;
-
-/// The entry peers beyond [`MAX_TRACKED_DENIED`] share (no uid is -1).
-const OTHER_UIDS: u32 = u32::MAX;
-
-impl Denials {
-    /// Whether to write the audit record of this refusal of `uid` for
-    /// `reason` now: `Some(refusals of it not written since its last
-    /// record)`, or `None` to count it only.
-    fn record(&self, uid: u32, reason: &str) -> Option<u64> {
-        let now = tokio::time::Instant::now();
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let mut key = (uid, reason.to_owned());
-        if !last.contains_key(&key) && last.len() >= MAX_TRACKED_DENIED {
-            last.retain(|_, (at, _)| now.duration_since(*at) < REFUSAL_SUMMARY_INTERVAL);
-            if last.len() >= MAX_TRACKED_DENIED {
-                key = (OTHER_UIDS, String::new());
-            }
-        }
-        match last.get_mut(&key) {
-            Some((at, skipped)) if now.duration_since(*at) < REFUSAL_SUMMARY_INTERVAL => {
-                *skipped += 1;
-                None
-            }
-            Some((at, skipped)) => {
-                *at = now;
-                Some(std::mem::take(skipped))
-            }
-            None => {
-                last.insert(key, (now, 0));
-                Some(0)
-            }
-        }
-    }
-}
-
 #[derive(Clone)]
 struct App {
     state: watch::Receiver<ProviderState>,
@@ -182,7 +132,8 @@ struct App {
     refresher: Refresher,
     metrics_at: Arc<[String]>,
     consumers: Option<Consumers>,
-    denials: Arc<Denials>,
+    /// Limits the audit records of refusals and errors ([`crate::audit_limit`]).
+    audits: Arc<AuditLimit>,
 }
 
 fn router(app: App) -> Router {
@@ -262,33 +213,25 @@ impl Resolved {
         matches!(&self.audit, Some((_, "denied", _)))
     }
 
-    /// The response, audited for `peer` with a config file (a refusal at
-    /// most once per uid per interval, see [`Denials`]).
-    fn send(self, peer: Option<&PeerId>, denials: &Denials) -> Response {
-        let recorded = match (peer, &self.audit) {
-            (Some(peer), Some((_, "denied", reason))) => {
-                denials.record(peer.uid, reason.as_deref().unwrap_or(""))
-            }
-            _ => Some(0),
-        };
-        if let (Some((consumer, result, reason)), Some(peer), Some(skipped)) =
-            (&self.audit, peer, recorded)
-        {
-            if skipped > 0 {
-                tracing::warn!(
-                    target: "imds_agent::audit",
-                    audit = true,
-                    uid = peer.uid,
-                    result = "denied",
-                    refused = skipped,
-                    "{skipped} more refusals of this uid for this reason were counted, not recorded one by one"
+    /// The response, audited for `peer` with a config file (a refusal or
+    /// an error in full at most once per uid and reason per interval, see
+    /// [`crate::audit_limit`]).
+    fn send(self, peer: Option<&PeerId>, audits: &AuditLimit) -> Response {
+        if let (Some((consumer, result, reason)), Some(peer)) = (&self.audit, peer) {
+            let write = *result == "served"
+                || audits.admit(
+                    PeerKey::Uid(peer.uid),
+                    "socket",
+                    result,
+                    reason.as_deref().unwrap_or(""),
                 );
+            if write {
+                let served = match &self.reply {
+                    Reply::Credentials(current) => Some(current),
+                    Reply::Error(..) => None,
+                };
+                handout::audit(consumer, "socket", peer, served, result, reason.as_deref());
             }
-            let served = match &self.reply {
-                Reply::Credentials(current) => Some(current),
-                Reply::Error(..) => None,
-            };
-            handout::audit(consumer, "socket", peer, served, result, reason.as_deref());
         }
         self.reply.into_response()
     }
@@ -317,7 +260,7 @@ async fn credentials(
     let tag = resolved.reply.etag();
     // A refusal is never conditional: it is answered (and audited) every time.
     if !request.holds(tag) || resolved.denied() {
-        return resolved.send(peer.as_ref(), &app.denials);
+        return resolved.send(peer.as_ref(), &app.audits);
     }
     let Some(wait) = request.wait else {
         return not_modified(tag);
@@ -340,7 +283,7 @@ async fn credentials(
         () = stopping => stopping_now(),
         () = tokio::time::sleep_until(deadline) => not_modified(tag),
         changed = changed => match changed {
-            Some(resolved) => resolved.send(peer.as_ref(), &app.denials),
+            Some(resolved) => resolved.send(peer.as_ref(), &app.audits),
             None => stopping_now(),
         },
     }
@@ -442,11 +385,11 @@ async fn for_consumer(
     peer: &PeerId,
     state: &ProviderState,
     clock: &SharedTimeSource,
-    denials: &Denials,
+    audits: &AuditLimit,
 ) -> Response {
     resolve_consumer(consumers, peer, state, clock)
         .await
-        .send(Some(peer), denials)
+        .send(Some(peer), audits)
 }
 
 /// What a peer gets with a config file, with its audit record (not yet written).
@@ -542,7 +485,7 @@ async fn refresh(State(app): State<App>, peer: Option<Extension<PeerId>>) -> Res
                 .config
                 .consumer_for(peer.uid, peer.gid, peer.groups.as_deref())
             {
-                return for_consumer(consumers, &peer, &state, &app.clock, &app.denials).await;
+                return for_consumer(consumers, &peer, &state, &app.clock, &app.audits).await;
             }
             Some((consumers, peer))
         }
@@ -552,7 +495,7 @@ async fn refresh(State(app): State<App>, peer: Option<Extension<PeerId>>) -> Res
         Answer::Done(Ok(_)) if consumer.is_some() => {
             let (consumers, peer) = consumer.expect("checked");
             let state = app.state.borrow().clone();
-            for_consumer(consumers, &peer, &state, &app.clock, &app.denials).await
+            for_consumer(consumers, &peer, &state, &app.clock, &app.audits).await
         }
         Answer::Done(Ok(current)) => served(&current, &app.clock).into_response(),
         Answer::Done(Err(failure)) if failure.no_role => no_role().into_response(),
@@ -635,7 +578,7 @@ pub async fn serve(
         refresher,
         metrics_at: metrics_at.into(),
         consumers,
-        denials: Arc::default(),
+        audits: Arc::default(),
     });
     let refusals = Arc::new(Refusals::new("socket", metrics));
     let named = NamedGroups::new(&policy, consumers_config.as_deref());
@@ -692,6 +635,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::audit_limit::REFUSAL_SUMMARY_INTERVAL;
     use crate::shutdown::{Shutdown, ShutdownTrigger};
 
     const START: u64 = 1_800_000_000;
@@ -936,7 +880,7 @@ mod tests {
             )),
         });
         assert!(
-            logs_contain("49 more refusals of this uid for this reason were counted"),
+            logs_contain("49 more refusals of uid 0 for this reason were counted"),
             "expected the record of the 49 refusals not written one by one"
         );
     }

@@ -6,10 +6,11 @@
 //!
 //! Every hand-out and every refusal of credentials to a consumer (or, with a
 //! config file, to an unmatched peer) is one log record with target
-//! `imds_agent::audit` (on the credential socket, a peer the config refuses
-//! is recorded in full at most once per uid every 10 s, the refusals
+//! `imds_agent::audit` (a refusal or an error, on the credential socket or
+//! the container endpoint, is recorded in full at most once per peer (its
+//! uid, or a bridged container's address) and reason every 10 s, the ones
 //! between counted in one record, so a looping client cannot flood the
-//! log; see `server`): `consumer`, `output`, the peer's `uid`/`gid`/`pid`
+//! log; see `audit_limit`): `consumer`, `output`, the peer's `uid`/`gid`/`pid`
 //! and `exe` (the target of `/proc/PID/exe`, when the agent may read it:
 //! the unit's `ProtectProc=invisible` and a peer of another user usually
 //! hide it, and a pid read at connect time may belong to another process
@@ -24,8 +25,10 @@
 //! [`super::files`]).
 //!
 //! A refusal by the config (no consumer matches, or the peer's groups lead
-//! to two consumers, [`super::config`]) is also counted, by reason, in
-//! `imds_agent_consumer_refused_requests_total` ([`Consumers::render_metrics`]).
+//! to two consumers, [`super::config`]; on the container endpoint, the
+//! agent's own token under `unmatched = "deny"`) is also counted, by
+//! reason, in `imds_agent_consumer_refused_requests_total`
+//! ([`Consumers::render_metrics`]), every one.
 
 use std::sync::Arc;
 
@@ -283,11 +286,12 @@ impl Consumers {
     /// `/metrics`: `imds_agent_consumer_session_valid{consumer}` (1 while
     /// it holds a valid session) and
     /// `imds_agent_consumer_session_expiry_seconds{consumer}` (0 without one),
-    /// and `imds_agent_consumer_refused_requests_total{reason}`: socket
-    /// requests refused because the peer matches no consumer
-    /// (`no_consumer`, also counting a peer whose groups could not be read,
-    /// [`Match::GroupsUnknown`]) or because its groups lead to two or more consumers
-    /// (`ambiguous_groups`).
+    /// and `imds_agent_consumer_refused_requests_total{reason}`: requests
+    /// refused because the peer matches no consumer (`no_consumer`, also
+    /// counting a peer whose groups could not be read,
+    /// [`Match::GroupsUnknown`], and a container presenting the agent's own
+    /// token under `unmatched = "deny"`) or because its groups lead to two
+    /// or more consumers (`ambiguous_groups`).
     pub fn render_metrics(&self, now: std::time::SystemTime) -> String {
         let mut status = self.broker.status();
         status.sort_by(|a, b| a.name.cmp(&b.name));
@@ -323,7 +327,7 @@ impl Consumers {
         }
         let (no_consumer, ambiguous) = self.broker.refusals();
         out.push_str(&format!(
-            "# HELP imds_agent_consumer_refused_requests_total Socket requests refused by the config: the peer matches no consumer (no_consumer), or its groups lead to two or more consumers (ambiguous_groups).\n\
+            "# HELP imds_agent_consumer_refused_requests_total Requests refused by the config: the peer matches no consumer (no_consumer; on the container endpoint, the agent's own token under unmatched = deny), or its groups lead to two or more consumers (ambiguous_groups).\n\
              # TYPE imds_agent_consumer_refused_requests_total counter\n\
              imds_agent_consumer_refused_requests_total{{reason=\"no_consumer\"}} {no_consumer}\n\
              imds_agent_consumer_refused_requests_total{{reason=\"ambiguous_groups\"}} {ambiguous}\n"
