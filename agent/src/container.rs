@@ -771,28 +771,9 @@ mod tests {
     /// Consumer "billing" with a container token, under `unmatched =
     /// "deny"`; its STS is never reached (the tests ask nothing of it).
     fn billing() -> ContainerConsumers {
-        use crate::broker::assumer::StsAssumer;
-        use crate::broker::sts::StsClient;
-        let config = crate::broker::config::Config::parse(
+        let consumers = crate::broker::handout::Consumers::with_unreachable_sts(
             "unmatched = \"deny\"\n[[consumer]]\nname = \"billing\"\nuids = [4242]\n",
-            std::path::Path::new("/etc/imds-agent/agent.toml"),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let imds = ImdsClient::builder()
-            .endpoint("http://127.0.0.1:9")
-            .unwrap()
-            .build()
-            .unwrap();
-        let assumer = StsAssumer::new(imds, || {
-            StsClient::builder().env(imds_client::config::Env::from_pairs([(
-                "AWS_ENDPOINT_URL_STS",
-                "http://127.0.0.1:9".to_owned(),
-            )]))
-        })
-        .unwrap();
-        let broker = crate::broker::cache::Broker::builder(assumer)
-            .config(&config)
-            .build();
+        );
         let mut tokens = crate::broker::tokens::ConsumerTokens::default();
         tokens
             .insert(
@@ -803,10 +784,7 @@ mod tests {
             .unwrap();
         ContainerConsumers {
             tokens: Arc::new(tokens),
-            consumers: crate::broker::handout::Consumers {
-                config: Arc::new(config),
-                broker,
-            },
+            consumers,
         }
     }
 

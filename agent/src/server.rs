@@ -679,32 +679,7 @@ mod tests {
 
     /// Consumers whose STS is never reached (a refusal asks nothing).
     fn consumers(text: &str) -> Consumers {
-        use crate::broker::assumer::StsAssumer;
-        use crate::broker::sts::StsClient;
-        let config = crate::broker::config::Config::parse(
-            text,
-            std::path::Path::new("/etc/imds-agent/agent.toml"),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let imds = imds_client::ImdsClient::builder()
-            .endpoint("http://127.0.0.1:9")
-            .unwrap()
-            .build()
-            .unwrap();
-        let assumer = StsAssumer::new(imds, || {
-            StsClient::builder().env(imds_client::config::Env::from_pairs([(
-                "AWS_ENDPOINT_URL_STS",
-                "http://127.0.0.1:9".to_owned(),
-            )]))
-        })
-        .unwrap();
-        let broker = crate::broker::cache::Broker::builder(assumer)
-            .config(&config)
-            .build();
-        Consumers {
-            config: Arc::new(config),
-            broker,
-        }
+        Consumers::with_unreachable_sts(text)
     }
 
     impl Socket {

@@ -336,29 +336,24 @@ impl Consumers {
     }
 }
 
+/// For tests: consumers parsed from `text` whose STS is never reached (port 9
+/// on loopback), for tests that only refuse or match peers.
 #[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use imds_client::ImdsClient;
-    use imds_client::config::Env;
-
-    use super::*;
-    use crate::broker::assumer::StsAssumer;
-    use crate::broker::cache::Broker;
-    use crate::broker::sts::StsClient;
-
-    /// Consumers whose STS is never reached (a refusal asks nothing).
-    fn consumers(text: &str) -> Consumers {
-        let config = Config::parse(text, Path::new("/etc/imds-agent/agent.toml"))
+impl Consumers {
+    pub(crate) fn with_unreachable_sts(text: &str) -> Self {
+        use crate::broker::assumer::StsAssumer;
+        use crate::broker::cache::Broker;
+        use crate::broker::config::Config;
+        use crate::broker::sts::StsClient;
+        let config = Config::parse(text, std::path::Path::new("/etc/imds-agent/agent.toml"))
             .unwrap_or_else(|e| panic!("{e}"));
-        let imds = ImdsClient::builder()
+        let imds = imds_client::ImdsClient::builder()
             .endpoint("http://127.0.0.1:9")
             .unwrap()
             .build()
             .unwrap();
         let assumer = StsAssumer::new(imds, || {
-            StsClient::builder().env(Env::from_pairs([(
+            StsClient::builder().env(imds_client::config::Env::from_pairs([(
                 "AWS_ENDPOINT_URL_STS",
                 "http://127.0.0.1:9".to_owned(),
             )]))
@@ -366,9 +361,19 @@ mod tests {
         .unwrap();
         let broker = Broker::builder(assumer).config(&config).build();
         Consumers {
-            config: Arc::new(config),
+            config: std::sync::Arc::new(config),
             broker,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Consumers whose STS is never reached (a refusal asks nothing).
+    fn consumers(text: &str) -> Consumers {
+        Consumers::with_unreachable_sts(text)
     }
 
     fn peer(uid: u32, gid: u32, groups: &[u32]) -> PeerId {
