@@ -9,7 +9,9 @@
 //! of the document into the error, since the document holds secrets.
 
 use std::fmt;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
+#[cfg(test)]
+use std::sync::Weak;
 use std::time::SystemTime;
 
 use serde::Deserialize;
@@ -33,9 +35,11 @@ pub struct Credentials {
 /// [`Credentials`] that are not kept alive by this handle: once the last
 /// clone is dropped the secrets are zeroed, and [`WeakCredentials::upgrade`]
 /// answers `None`.
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub(crate) struct WeakCredentials(Weak<Parts>);
 
+#[cfg(test)]
 impl WeakCredentials {
     /// The credentials, if a clone still holds them.
     #[inline]
@@ -151,6 +155,7 @@ impl Credentials {
 
     /// A handle that does not keep the secrets alive: it gives the
     /// credentials back only while some clone still holds them.
+    #[cfg(test)]
     pub(crate) fn downgrade(&self) -> WeakCredentials {
         WeakCredentials(Arc::downgrade(&self.parts))
     }

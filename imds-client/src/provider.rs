@@ -1,10 +1,10 @@
 //! The caching, refreshing credentials provider.
 //!
 //! [`ImdsCredentialsProvider`] answers from a cache while credentials are
-//! fresh: a lock-free read of the one cached entry (`arc-swap`), one clock
-//! reading and a reference count, no network, no lock held across I/O, no
-//! allocation. Around expiry
-//! it refreshes in two windows:
+//! fresh: one clock reading and a read of the one cached entry inside a
+//! read-side section (no shared memory written but the clone's reference
+//! count), no network, no lock, no allocation. Around expiry it refreshes in
+//! two windows:
 //!
 //! - the **advisory** window (by default half the credentials' lifetime, at
 //!   most 30 minutes, shortened by a per-process jitter of up to 20 % so a fleet
@@ -23,7 +23,9 @@
 //! remembered for a few seconds only.
 //!
 //! The pieces: `cache` holds the one cached state and its schedule
-//! (computed once per change), `policy` decides from (state, time) as pure
+//! (computed once per change), `read_side` lets it be read without writing
+//! a shared reference count and replaced without freeing what a reader
+//! still holds, `policy` decides from (state, time) as pure
 //! functions, and this module runs loads and publishes [`ProviderState`].
 //! Expiry is judged on IMDS's clock: every response's `Date` (role checks
 //! included) re-measures the skew, and a reading more than
@@ -31,6 +33,7 @@
 
 mod cache;
 mod policy;
+mod read_side;
 mod sdk;
 mod source;
 mod state;
@@ -251,13 +254,12 @@ impl ImdsCredentialsProvider {
 
     /// Current credentials: from the cache while fresh, otherwise loaded.
     pub async fn credentials(&self) -> Result<crate::Credentials, Error> {
-        if let Some(credentials) = self.inner.cache.recall_credentials(self.inner.clock.now()) {
-            return Ok(credentials);
-        }
-        if let Some(credentials) = self.cached(|e| {
-            self.inner.cache.remember(e);
-            e.shard().credentials.clone()
-        }) {
+        let now = self.inner.clock.now();
+        if let Some(credentials) = self
+            .inner
+            .cache
+            .read_fresh(now, |_, shard| shard.credentials.clone())
+        {
             return Ok(credentials);
         }
         // Boxed: this future stays a few words, so a cached call neither
@@ -344,9 +346,8 @@ impl ImdsCredentialsProvider {
     /// serve it without asking. No lock, no reference count written.
     #[inline]
     fn cached<T>(&self, read: impl FnOnce(&Entry) -> T) -> Option<T> {
-        let entry = self.inner.cache.peek();
-        let entry = entry.as_ref()?;
-        (self.inner.clock.now() < entry.schedule.serve_until).then(|| read(entry))
+        let now = self.inner.clock.now();
+        self.inner.cache.read_fresh(now, |entry, _| read(entry))
     }
 
     /// The slow path: what the policy says for the entry cached now.
@@ -378,25 +379,22 @@ impl ImdsCredentialsProvider {
     /// they are (see [`sdk`]).
     #[inline]
     pub(crate) fn cached_sdk(&self) -> Option<aws_credential_types::Credentials> {
-        if let Some(sdk) = self.inner.cache.recall_sdk(self.inner.clock.now()) {
-            return Some(sdk);
-        }
-        self.cached(|e| {
-            self.inner.cache.remember(e);
-            (*e.shard().sdk).clone()
-        })
+        let now = self.inner.clock.now();
+        self.inner
+            .cache
+            .read_fresh(now, |_, shard| shard.sdk.clone())
     }
 
     /// The AWS SDK's credentials, by the slow path.
     pub(crate) async fn resolve_sdk(&self) -> Result<aws_credential_types::Credentials, Error> {
         self.resolve(Reason::Mandatory)
             .await
-            .map(|e| (*e.shard().sdk).clone())
+            .map(|e| e.shard().sdk.clone())
     }
 
     /// The AWS SDK's form of the last good credentials, if any.
     pub(crate) fn last_good_sdk(&self) -> Option<aws_credential_types::Credentials> {
-        self.inner.cache.get().map(|e| (*e.shard().sdk).clone())
+        self.inner.cache.get().map(|e| e.shard().sdk.clone())
     }
 
     /// Records whether IMDS is answering, for subscribers: a failing IMDS

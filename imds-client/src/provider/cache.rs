@@ -13,48 +13,27 @@
 //! incrementing the same count at once slow each other down several times
 //! over (the cache line moves between cores on every call), so an entry
 //! holds a few [`Shard`]s, separate copies of the same credentials made once
-//! per fetch, and each thread clones the shard its index picks. The copies
+//! per fetch, and each thread clones the shard its number picks. The copies
 //! belong to the entry, not to threads: they go (and their secrets are
 //! zeroized) when the entry is replaced or withdrawn and the last clone
 //! handed out is dropped.
 //!
-//! The quickest path is a thread's memory of the entry it last served
-//! ([`Cache::recall_credentials`]): the entry's number, its `serve_until` and
-//! *weak* handles to its shard. A call compares the number with the published
-//! one (one plain atomic load of a line no one writes between fetches) and
-//! the clock with `serve_until`, then upgrades the weak handle: no
-//! hazard-pointer bookkeeping as in a full `ArcSwap` load. A weak handle does
-//! not keep the secrets alive, so an idle thread never holds on to withdrawn
-//! or replaced credentials: once the entry and the clones handed out are
-//! gone, the secrets are zeroized and the upgrade fails.
+//! The quickest path ([`Cache::read_fresh`]) reads the published entry inside
+//! a read-side section ([`super::read_side`]): no reference count of the
+//! entry is written, only the thread's own slot, and a writer drops a
+//! replaced entry only after the sections under way have ended. No thread
+//! keeps anything of an entry between calls, so an idle thread never holds
+//! on to withdrawn or replaced credentials.
 
-use std::cell::{Cell, RefCell};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::{ArcSwapOption, Guard};
-
+use super::read_side::{self, Published};
 use super::state::RoleCredentials;
-use crate::credentials::{Credentials, WeakCredentials};
+use crate::credentials::Credentials;
 
 /// The most shards an entry holds.
 const MAX_SHARDS: usize = 16;
-
-/// How many providers' entries a thread remembers at once (a power of two;
-/// providers beyond that on one thread share slots and take the slower path
-/// more often, never a wrong one).
-const REMEMBERED: usize = 4;
-
-/// The next entry number: never reused, never 0 (0 means "no entry").
-static NEXT_ENTRY_ID: AtomicU64 = AtomicU64::new(1);
-
-/// The next cache number, which picks a cache's slot in a thread's memory.
-static NEXT_CACHE_KEY: AtomicUsize = AtomicUsize::new(0);
-
-fn next_entry_id() -> u64 {
-    NEXT_ENTRY_ID.fetch_add(1, Ordering::Relaxed)
-}
 
 /// Default mandatory refresh window: callers wait for a refresh inside it.
 pub const DEFAULT_MANDATORY_REFRESH_WINDOW: Duration = Duration::from_secs(60);
@@ -150,9 +129,8 @@ impl Timing {
 pub(crate) struct Shard {
     /// Ours.
     pub(crate) credentials: Credentials,
-    /// The AWS SDK's, converted once (shared, so that a thread can hold a
-    /// weak handle to it).
-    pub(crate) sdk: Arc<aws_credential_types::Credentials>,
+    /// The AWS SDK's, converted once.
+    pub(crate) sdk: aws_credential_types::Credentials,
 }
 
 /// How many shards entries hold: the next power of two at or above the
@@ -164,30 +142,9 @@ pub(crate) fn shard_count() -> usize {
         .min(MAX_SHARDS)
 }
 
-/// This thread's shard among `count` (a power of two): threads are numbered
-/// in the order they first ask, so concurrent callers mostly differ.
-#[inline]
-pub(crate) fn shard_index(count: usize) -> usize {
-    thread_local! {
-        static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
-    }
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let index = INDEX
-        .try_with(|index| {
-            if index.get() == usize::MAX {
-                index.set(NEXT.fetch_add(1, Ordering::Relaxed) & (MAX_SHARDS - 1));
-            }
-            index.get()
-        })
-        .unwrap_or(0);
-    index & (count - 1)
-}
-
 /// The cached state: credentials, both forms, and their schedule.
 #[derive(Debug)]
 pub(crate) struct Entry {
-    /// This entry's number, never reused.
-    id: u64,
     /// The role and its credentials.
     pub(crate) current: RoleCredentials,
     /// Copies of the credentials for cached calls (a power of two of them).
@@ -217,12 +174,11 @@ impl Entry {
                 } else {
                     current.credentials.separate_copy()
                 };
-                let sdk = Arc::new(credentials.to_aws_credentials(super::sdk::PROVIDER_NAME));
+                let sdk = credentials.to_aws_credentials(super::sdk::PROVIDER_NAME);
                 Shard { credentials, sdk }
             })
             .collect();
         Self {
-            id: next_entry_id(),
             current,
             shards,
             schedule: timing.schedule(windows),
@@ -234,7 +190,6 @@ impl Entry {
     /// repeated).
     pub(crate) fn with_timing(&self, timing: Timing, windows: &Windows) -> Self {
         Self {
-            id: next_entry_id(),
             current: self.current.clone(),
             shards: self.shards.clone(),
             schedule: timing.schedule(windows),
@@ -243,9 +198,15 @@ impl Entry {
     }
 
     /// The copy this thread hands out.
-    #[inline]
     pub(crate) fn shard(&self) -> &Shard {
-        &self.shards[shard_index(self.shards.len())]
+        self.shard_of(read_side::this_threads_number())
+    }
+
+    /// The copy thread number `thread` hands out.
+    #[inline]
+    fn shard_of(&self, thread: usize) -> &Shard {
+        // A power of two of shards: the mask picks one.
+        &self.shards[thread & (self.shards.len() - 1)]
     }
 
     /// The credentials' own expiry, on IMDS's clock.
@@ -259,122 +220,44 @@ impl Entry {
     }
 }
 
-/// What a thread remembers of the entry it last served for one cache.
+/// The one place the entry lives: read without a lock (or any shared
+/// write), replaced under one.
 #[derive(Debug, Default)]
-struct Remembered {
-    /// The entry's number (0: nothing remembered).
-    entry_id: u64,
-    /// The entry's `schedule.serve_until`.
-    serve_until: Option<SystemTime>,
-    /// This thread's shard, weakly.
-    credentials: WeakCredentials,
-    /// The same, in the AWS SDK's form.
-    sdk: Weak<aws_credential_types::Credentials>,
-}
-
-thread_local! {
-    static REMEMBERED_ENTRIES: RefCell<[Remembered; REMEMBERED]> =
-        RefCell::new(Default::default());
-}
-
-/// The one place the entry lives: read without a lock, replaced under one.
-#[derive(Debug)]
 pub(crate) struct Cache {
-    entry: ArcSwapOption<Entry>,
-    /// The number of the entry in `entry` (0: none), stored after it.
-    published: AtomicU64,
-    /// This cache's slot in a thread's memory.
-    slot: usize,
-    write: Mutex<()>,
-}
-
-impl Default for Cache {
-    fn default() -> Self {
-        Self {
-            entry: ArcSwapOption::default(),
-            published: AtomicU64::new(0),
-            slot: NEXT_CACHE_KEY.fetch_add(1, Ordering::Relaxed) & (REMEMBERED - 1),
-            write: Mutex::new(()),
-        }
-    }
+    entry: Published<Entry>,
 }
 
 impl Cache {
-    /// The current entry, for a quick look (no reference count written).
-    #[inline]
-    pub(crate) fn peek(&self) -> Guard<Option<Arc<Entry>>> {
-        self.entry.load()
-    }
-
     /// The current entry, to keep.
     pub(crate) fn get(&self) -> Option<Arc<Entry>> {
-        self.entry.load_full()
+        self.entry.get()
     }
 
-    /// The credentials this thread last served from this cache, if that entry
-    /// is still the published one, `now` is before its `serve_until`, and its
-    /// credentials are still held (by the entry or a clone handed out).
+    /// `take` applied to the published entry and this thread's shard of it,
+    /// if `now` is before the entry's `serve_until`: the cached path, which
+    /// writes no shared memory (see the module docs). `take` must be quick
+    /// (a clone) and must not call back into the cache.
     #[inline]
-    pub(crate) fn recall_credentials(&self, now: SystemTime) -> Option<Credentials> {
-        self.recall(now, |remembered| remembered.credentials.upgrade())
-    }
-
-    /// [`Cache::recall_credentials`] in the AWS SDK's form.
-    #[inline]
-    pub(crate) fn recall_sdk(&self, now: SystemTime) -> Option<aws_credential_types::Credentials> {
-        self.recall(now, |remembered| {
-            remembered.sdk.upgrade().map(|sdk| (*sdk).clone())
-        })
-    }
-
-    #[inline]
-    fn recall<T>(&self, now: SystemTime, take: impl FnOnce(&Remembered) -> Option<T>) -> Option<T> {
-        let published = self.published.load(Ordering::Acquire);
-        REMEMBERED_ENTRIES
-            .try_with(|memory| {
-                let memory = memory.try_borrow().ok()?;
-                let remembered = &memory[self.slot];
-                let fresh = remembered.entry_id == published
-                    && remembered.serve_until.is_some_and(|until| now < until);
-                if fresh { take(remembered) } else { None }
+    pub(crate) fn read_fresh<T>(
+        &self,
+        now: SystemTime,
+        take: impl FnOnce(&Entry, &Shard) -> T,
+    ) -> Option<T> {
+        self.entry
+            .read(|entry, thread| {
+                (now < entry.schedule.serve_until).then(|| take(entry, entry.shard_of(thread)))
             })
-            .ok()
             .flatten()
     }
 
-    /// Makes this thread remember `entry` (served from this cache) for
-    /// [`Cache::recall_credentials`].
-    pub(crate) fn remember(&self, entry: &Entry) {
-        let _ = REMEMBERED_ENTRIES.try_with(|memory| {
-            let Ok(mut memory) = memory.try_borrow_mut() else {
-                return;
-            };
-            let remembered = &mut memory[self.slot];
-            if remembered.entry_id == entry.id {
-                return;
-            }
-            let shard = entry.shard();
-            *remembered = Remembered {
-                entry_id: entry.id,
-                serve_until: Some(entry.schedule.serve_until),
-                credentials: shard.credentials.downgrade(),
-                sdk: Arc::downgrade(&shard.sdk),
-            };
-        });
-    }
-
     /// Replaces the entry with what `change` makes of the current one, with
-    /// no other change in between; returns what `change` returns.
+    /// no other change in between; returns what `change` returns. A replaced
+    /// entry is dropped here (its secrets zeroized once no clone is left).
     pub(crate) fn update<R>(
         &self,
         change: impl FnOnce(Option<Arc<Entry>>) -> (Option<Arc<Entry>>, R),
     ) -> R {
-        let _writing = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        let (next, result) = change(self.entry.load_full());
-        let id = next.as_ref().map_or(0, |entry| entry.id);
-        self.entry.store(next);
-        self.published.store(id, Ordering::Release);
-        result
+        self.entry.update(change)
     }
 }
 
@@ -390,7 +273,9 @@ pub(crate) fn shift(t: SystemTime, secs: i64) -> SystemTime {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc;
+    use std::sync::{Mutex, mpsc};
+
+    use crate::credentials::WeakCredentials;
 
     use super::*;
 
@@ -432,49 +317,65 @@ mod tests {
         cache.update(|_| (entry, ()));
     }
 
-    #[test]
-    fn a_thread_recalls_the_published_entry_until_serve_until() {
-        let cache = Cache::default();
-        let a = entry("AKIDAAAAAAAAAAAAAAAA", 2);
-        publish(&cache, Some(a.clone()));
-        assert!(
-            cache.recall_credentials(at(0)).is_none(),
-            "nothing remembered yet"
-        );
-        cache.remember(&a);
-        let recalled = cache.recall_credentials(at(0)).expect("remembered");
-        assert_eq!(recalled.access_key_id(), "AKIDAAAAAAAAAAAAAAAA");
-        assert_eq!(
-            cache
-                .recall_sdk(at(1799))
-                .expect("sdk form")
-                .access_key_id(),
-            "AKIDAAAAAAAAAAAAAAAA"
-        );
-        assert!(
-            cache.recall_credentials(at(1800)).is_none(),
-            "from serve_until on, the policy decides"
-        );
-        assert!(cache.recall_sdk(at(1800)).is_none());
+    /// The key id a cached read gives, in both forms and from the entry's
+    /// first shard (which must all agree).
+    fn read_key(cache: &Cache, now: SystemTime) -> Option<String> {
+        let (ours, sdk, first) = cache.read_fresh(now, |entry, shard| {
+            (
+                shard.credentials.clone(),
+                shard.sdk.clone(),
+                entry.shards[0].credentials.clone(),
+            )
+        })?;
+        assert_eq!(ours.access_key_id(), sdk.access_key_id());
+        assert_eq!(ours.access_key_id(), first.access_key_id());
+        Some(ours.access_key_id().to_owned())
     }
 
     #[test]
-    fn a_replaced_or_withdrawn_entry_is_never_recalled() {
+    fn the_published_entry_is_read_until_serve_until() {
+        let cache = Cache::default();
+        assert_eq!(read_key(&cache, at(0)), None, "nothing published yet");
+        publish(&cache, Some(entry("AKIDAAAAAAAAAAAAAAAA", 2)));
+        assert_eq!(
+            read_key(&cache, at(0)).as_deref(),
+            Some("AKIDAAAAAAAAAAAAAAAA")
+        );
+        assert_eq!(
+            read_key(&cache, at(1799)).as_deref(),
+            Some("AKIDAAAAAAAAAAAAAAAA")
+        );
+        assert_eq!(
+            read_key(&cache, at(1800)),
+            None,
+            "from serve_until on, the policy decides"
+        );
+    }
+
+    #[test]
+    fn a_replaced_or_withdrawn_entry_is_never_read() {
         let cache = Cache::default();
         let a = entry("AKIDAAAAAAAAAAAAAAAA", 1);
         publish(&cache, Some(a.clone()));
-        cache.remember(&a);
-        let held = cache.recall_credentials(at(0)).expect("remembered");
+        let held = cache
+            .read_fresh(at(0), |_, shard| shard.credentials.clone())
+            .expect("published");
         // Replaced: the old credentials are still alive (held above), but
-        // the published number changed.
+        // never read again.
         publish(&cache, Some(entry("AKIDBBBBBBBBBBBBBBBB", 1)));
-        assert!(cache.recall_credentials(at(0)).is_none());
-        assert!(cache.recall_sdk(at(0)).is_none());
-        // The same credentials with new timing are a new entry too.
+        assert_eq!(
+            read_key(&cache, at(0)).as_deref(),
+            Some("AKIDBBBBBBBBBBBBBBBB")
+        );
+        // The same credentials with a timing that ends serving.
+        let invalidated = Timing {
+            invalidated: true,
+            ..a.timing
+        };
         publish(
             &cache,
             Some(Arc::new(a.with_timing(
-                a.timing,
+                invalidated,
                 &Windows {
                     advisory: Some(Duration::from_secs(1800)),
                     mandatory: Some(Duration::from_secs(60)),
@@ -482,77 +383,105 @@ mod tests {
                 },
             ))),
         );
-        assert!(cache.recall_credentials(at(0)).is_none());
+        assert_eq!(read_key(&cache, at(0)), None);
         publish(&cache, None);
-        assert!(cache.recall_credentials(at(0)).is_none());
-        drop(held);
+        assert_eq!(read_key(&cache, at(0)), None);
+        assert_eq!(held.access_key_id(), "AKIDAAAAAAAAAAAAAAAA");
     }
 
     #[test]
-    fn caches_on_one_thread_recall_their_own_entries() {
-        let caches: Vec<Cache> = (0..REMEMBERED + 1).map(|_| Cache::default()).collect();
-        let entries: Vec<_> = (0..caches.len())
-            .map(|i| entry(&format!("AKID{i:016}"), 1))
-            .collect();
-        for (cache, entry) in caches.iter().zip(&entries) {
-            publish(cache, Some(entry.clone()));
-            cache.remember(entry);
+    fn caches_on_one_thread_read_their_own_entries() {
+        let caches: Vec<Cache> = (0..5).map(|_| Cache::default()).collect();
+        for (i, cache) in caches.iter().enumerate() {
+            publish(cache, Some(entry(&format!("AKID{i:016}"), 1)));
         }
         for (i, cache) in caches.iter().enumerate() {
-            // More caches than slots: some share one and are recalled by
-            // neither or one, never the other's credentials.
-            if let Some(recalled) = cache.recall_credentials(at(0)) {
-                assert_eq!(recalled.access_key_id(), format!("AKID{i:016}"));
-            }
+            assert_eq!(read_key(cache, at(0)), Some(format!("AKID{i:016}")));
         }
-        let last = caches.last().expect("caches");
-        assert_eq!(
-            last.recall_credentials(at(0))
-                .expect("the last remembered")
-                .access_key_id(),
-            format!("AKID{:016}", caches.len() - 1)
-        );
     }
 
     #[test]
-    fn an_idle_thread_does_not_keep_withdrawn_secrets_alive() {
+    fn no_thread_keeps_withdrawn_secrets_alive() {
         let cache = Arc::new(Cache::default());
         let a = entry("AKIDAAAAAAAAAAAAAAAA", shard_count());
         publish(&cache, Some(a.clone()));
         let weak_copies: Vec<WeakCredentials> =
             a.shards.iter().map(|s| s.credentials.downgrade()).collect();
-        let weak_sdk: Vec<_> = a.shards.iter().map(|s| Arc::downgrade(&s.sdk)).collect();
         drop(a);
 
+        // Threads that served the entry, then sit idle.
         let (served_tx, served_rx) = mpsc::channel();
         let (release_tx, release_rx) = mpsc::channel::<()>();
-        let idle = std::thread::spawn({
-            let cache = cache.clone();
-            move || {
-                let entry = cache.get().expect("published");
-                cache.remember(&entry);
-                drop(entry);
-                let served = cache.recall_credentials(at(0)).is_some();
-                served_tx.send(served).expect("send");
-                // Idle, with its memory of the entry, until released.
-                release_rx.recv().expect("release");
-                cache.recall_credentials(at(0)).is_none()
-            }
-        });
-        assert!(served_rx.recv().expect("served"), "the thread recalled it");
+        let release_rx = Arc::new(Mutex::new(release_rx));
+        let idle: Vec<_> = (0..3)
+            .map(|_| {
+                let cache = cache.clone();
+                let served_tx = served_tx.clone();
+                let release_rx = release_rx.clone();
+                std::thread::spawn(move || {
+                    served_tx
+                        .send(read_key(&cache, at(0)).is_some())
+                        .expect("send");
+                    release_rx.lock().expect("lock").recv().expect("release");
+                    read_key(&cache, at(0)).is_none()
+                })
+            })
+            .collect();
+        for _ in &idle {
+            assert!(served_rx.recv().expect("served"), "the thread read it");
+        }
 
         publish(&cache, None);
         assert!(
             weak_copies.iter().all(|w| w.upgrade().is_none()),
             "a withdrawn entry's credentials must be gone (secrets zeroized) \
-             while a thread that served them sits idle"
+             while threads that served them sit idle"
         );
-        assert!(weak_sdk.iter().all(|w| w.upgrade().is_none()));
 
-        release_tx.send(()).expect("release");
-        assert!(
-            idle.join().expect("idle thread"),
-            "nothing recalled after withdrawal"
-        );
+        for _ in &idle {
+            release_tx.send(()).expect("release");
+        }
+        for thread in idle {
+            assert!(
+                thread.join().expect("idle thread"),
+                "nothing read after withdrawal"
+            );
+        }
+    }
+
+    #[test]
+    fn readers_on_many_threads_see_whole_entries_while_a_writer_replaces_them() {
+        // Each entry's two forms and every shard carry one key id; a reader
+        // racing the writer must never see a mix, a freed entry, or a key
+        // that was never published.
+        let cache = Arc::new(Cache::default());
+        publish(&cache, Some(entry(&format!("AKID{:016}", 0), 4)));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let cache = cache.clone();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut last = 0u64;
+                    let mut reads = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let key = read_key(&cache, at(0)).expect("always one published");
+                        let n: u64 = key["AKID".len()..].parse().expect("a key we made");
+                        assert!(n >= last, "keys only move forward: {n} after {last}");
+                        last = n;
+                        reads += 1;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        for n in 1..=500u64 {
+            publish(&cache, Some(entry(&format!("AKID{n:016}"), 4)));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for reader in readers {
+            reader.join().expect("a reader saw a torn or freed entry");
+        }
+        assert_eq!(read_key(&cache, at(0)), Some(format!("AKID{:016}", 500)));
     }
 }

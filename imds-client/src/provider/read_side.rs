@@ -1,0 +1,491 @@
+//! Read-side critical sections for the cached path, and the writer's wait
+//! for them (read-copy-update).
+//!
+//! Why: a cached call must know that the entry it reads is still alive. A
+//! reference count (an `Arc` clone, a weak upgrade) proves it by writing a
+//! shared counter with a locked instruction, and on the cached path those
+//! writes cost more than everything else we do. Here a reader instead
+//! announces itself in its own thread's [`Slot`] (two plain stores, no
+//! locked instruction), and a writer that has published a new entry waits
+//! for the readers announced at that moment before it drops the old one
+//! ([`wait_for_readers`]). Readers never wait; a writer waits only for
+//! sections already under way, each a few loads and a clone.
+//!
+//! The store that announces a reader must be seen by the writer, or the
+//! reader must see the writer's new entry (store-then-load on both sides).
+//! Where the kernel offers it, the writer issues a process-wide barrier
+//! (`membarrier(2)`, `MEMBARRIER_CMD_PRIVATE_EXPEDITED`), which lets the
+//! reader's barrier be a compiler fence only; this is how liburcu's
+//! "memb" flavour works. Where it is refused (not Linux, an old kernel, a
+//! seccomp filter such as systemd's `@system-service`, Miri), both sides use a
+//! `SeqCst` fence: correct everywhere, one locked instruction per read.
+//!
+//! Secrets: a writer drops the entry it replaced as soon as the readers of
+//! that moment are done, so withdrawn credentials are zeroized at once, not
+//! when some idle thread next calls. Should the process-wide barrier fail
+//! after it was set up (a seccomp filter installed later), the writer
+//! cannot prove no reader holds the old entry, so from then on it keeps
+//! every entry it replaces alive for good (memory safe; a few hundred bytes
+//! a refresh; those secrets are not zeroized), logs it once, and readers use
+//! the fence.
+//!
+//! [`Published`] is the safe face of all this: one value, read in sections,
+//! replaced under a lock. The module's one `unsafe` dereference is there.
+#![allow(unsafe_code)] // reason: `Published::read` dereferences the pointer its sections protect
+
+use std::cell::Cell;
+use std::sync::atomic::{
+    AtomicBool, AtomicPtr, AtomicU8, AtomicU64, Ordering, compiler_fence, fence,
+};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
+
+/// One shared value (or none): read without writing shared memory inside
+/// read-side sections, replaced under a lock.
+#[derive(Debug)]
+pub(crate) struct Published<T> {
+    /// The owner of the value.
+    held: ArcSwapOption<T>,
+    /// The value in `held` (null: none), valid inside a section: `update`
+    /// drops a replaced value only after the sections under way have ended.
+    current: AtomicPtr<T>,
+    write: Mutex<()>,
+}
+
+impl<T> Default for Published<T> {
+    fn default() -> Self {
+        Self {
+            held: ArcSwapOption::empty(),
+            current: AtomicPtr::new(std::ptr::null_mut()),
+            write: Mutex::new(()),
+        }
+    }
+}
+
+impl<T> Published<T> {
+    /// The value, to keep.
+    pub(crate) fn get(&self) -> Option<Arc<T>> {
+        self.held.load_full()
+    }
+
+    /// `read` applied to the value and this thread's number (see
+    /// [`this_threads_number`]), inside a read-side section; `None` when
+    /// there is no value. `read` must be quick (a clone) and must not call
+    /// back into this value: a writer may be waiting for it.
+    #[inline]
+    pub(crate) fn read<R>(&self, read: impl FnOnce(&T, usize) -> R) -> Option<R> {
+        let mut read = Some(read);
+        let in_section = section(|thread| {
+            let value = self.current.load(Ordering::Acquire);
+            // SAFETY: `current` is null or points into an `Arc<T>` that
+            // `held` owned when it was stored. `update` stores the
+            // replacement first and drops that `Arc` only after
+            // `wait_for_readers`, which waits for this section (or, if it
+            // cannot, never drops it). So the value outlives this borrow.
+            let value = unsafe { value.as_ref() }?;
+            read.take().map(|read| read(value, thread))
+        });
+        if let Some(out) = in_section {
+            return out;
+        }
+        // This thread's thread-locals are gone (it is exiting), so `read`
+        // was not called: the slower read that counts a reference.
+        let read = read?;
+        let held = self.held.load();
+        held.as_deref().map(|value| read(value, 0))
+    }
+
+    /// Replaces the value with what `change` makes of the current one, with
+    /// no other change in between; returns what `change` returns. The old
+    /// value is dropped here (if nothing else holds it) once no section can
+    /// still be reading it.
+    pub(crate) fn update<R>(
+        &self,
+        change: impl FnOnce(Option<Arc<T>>) -> (Option<Arc<T>>, R),
+    ) -> R {
+        let _writing = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.held.load_full();
+        let (next, result) = change(old.clone());
+        let next_ptr = next
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |value| Arc::as_ptr(value).cast_mut());
+        self.held.store(next);
+        let old_ptr = self.current.swap(next_ptr, Ordering::SeqCst);
+        if old_ptr != next_ptr && !wait_for_readers() {
+            // A section may still hold the old value and no wait can show
+            // otherwise: it must never be freed.
+            std::mem::forget(old);
+        }
+        result
+    }
+}
+
+/// How readers and writers order their accesses (see the module docs).
+const UNDECIDED: u8 = 0;
+/// Writers issue `membarrier`; readers a compiler fence.
+const PROCESS_BARRIER: u8 = 1;
+/// Both sides issue `SeqCst` fences.
+const FENCES: u8 = 2;
+
+static MODE: AtomicU8 = AtomicU8::new(UNDECIDED);
+
+/// Set once a writer's process-wide barrier failed after setup (MODE is then
+/// FENCES too).
+static BARRIER_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// One thread's announcement: odd while it is inside a section.
+#[derive(Debug, Default)]
+#[repr(align(64))] // one cache line per thread: readers never share a line
+struct Slot {
+    sections: AtomicU64,
+}
+
+/// Every live thread's slot (registered at its first section).
+static SLOTS: Mutex<Vec<Arc<Slot>>> = Mutex::new(Vec::new());
+
+/// A thread's registration; dropping it (at thread exit) unregisters.
+struct Registration {
+    slot: Arc<Slot>,
+    /// This thread's number (see [`this_threads_number`]), kept here so
+    /// that a cached call reads one thread-local, not two.
+    number: Cell<usize>,
+}
+
+impl Registration {
+    fn new() -> Self {
+        decide_mode();
+        let slot = Arc::new(Slot::default());
+        lock_slots().push(slot.clone());
+        Self {
+            slot,
+            number: Cell::new(usize::MAX),
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock_slots().retain(|slot| !Arc::ptr_eq(slot, &self.slot));
+    }
+}
+
+thread_local! {
+    static REGISTRATION: Registration = Registration::new();
+}
+
+fn lock_slots() -> std::sync::MutexGuard<'static, Vec<Arc<Slot>>> {
+    SLOTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Chooses the mode once per process: the process-wide barrier if the
+/// kernel lets this process register for it.
+fn decide_mode() {
+    if MODE.load(Ordering::Acquire) != UNDECIDED {
+        return;
+    }
+    let mode = if register_process_barrier() {
+        PROCESS_BARRIER
+    } else {
+        FENCES
+    };
+    // Whoever decides first wins; both would decide the same.
+    let _ = MODE.compare_exchange(UNDECIDED, mode, Ordering::AcqRel, Ordering::Acquire);
+}
+
+/// Set in a test's own child process: the barrier registers, then fails.
+#[cfg(test)]
+fn barrier_fails_in_this_test_process() -> bool {
+    std::env::var_os(tests::FAIL_BARRIER_ENV).is_some()
+}
+
+#[cfg(all(any(target_os = "linux", target_os = "android"), not(miri)))]
+fn register_process_barrier() -> bool {
+    use rustix::thread::{MembarrierCommand, membarrier};
+    #[cfg(test)]
+    if barrier_fails_in_this_test_process() {
+        return true;
+    }
+    membarrier(MembarrierCommand::RegisterPrivateExpedited).is_ok()
+}
+
+#[cfg(not(all(any(target_os = "linux", target_os = "android"), not(miri))))]
+fn register_process_barrier() -> bool {
+    false
+}
+
+#[cfg(all(any(target_os = "linux", target_os = "android"), not(miri)))]
+fn process_barrier() -> bool {
+    use rustix::thread::{MembarrierCommand, membarrier};
+    #[cfg(test)]
+    if barrier_fails_in_this_test_process() {
+        return false;
+    }
+    membarrier(MembarrierCommand::PrivateExpedited).is_ok()
+}
+
+#[cfg(not(all(any(target_os = "linux", target_os = "android"), not(miri))))]
+fn process_barrier() -> bool {
+    false
+}
+
+/// The reader's side of the barrier pair.
+#[inline]
+fn reader_barrier() {
+    // One load: a failed barrier also turns MODE to FENCES.
+    if MODE.load(Ordering::Relaxed) == PROCESS_BARRIER {
+        // The writer's membarrier stands in for this thread's fence.
+        compiler_fence(Ordering::SeqCst);
+    } else {
+        fence(Ordering::SeqCst);
+    }
+}
+
+/// Runs `read` inside a read-side section, with this thread's number, or
+/// answers `None` when this thread can no longer take part (its
+/// thread-locals are being torn down).
+///
+/// `read` may dereference a pointer loaded (with `Acquire`) inside it from
+/// a place whose writer calls [`wait_for_readers`] after replacing it and
+/// before freeing what it pointed to. It must be short and must not block
+/// or start a write: a writer may be waiting for it.
+#[inline]
+fn section<T>(read: impl FnOnce(usize) -> T) -> Option<T> {
+    REGISTRATION
+        .try_with(|registration| {
+            let slot = &registration.slot.sections;
+            // Only this thread writes its slot: a plain load and store, no
+            // locked instruction.
+            let before = slot.load(Ordering::Relaxed);
+            slot.store(before.wrapping_add(1), Ordering::Relaxed);
+            reader_barrier();
+            let out = read(thread_number(&registration.number));
+            // Release: everything `read` did happens before a writer that
+            // sees this store goes on to free.
+            slot.store(before.wrapping_add(2), Ordering::Release);
+            out
+        })
+        .ok()
+}
+
+/// This thread's number: threads are numbered in the order they first read,
+/// so that concurrent callers mostly differ (to pick copies of a value).
+pub(crate) fn this_threads_number() -> usize {
+    REGISTRATION
+        .try_with(|registration| thread_number(&registration.number))
+        .unwrap_or(0)
+}
+
+#[inline]
+fn thread_number(number: &Cell<usize>) -> usize {
+    let n = number.get();
+    if n != usize::MAX {
+        return n;
+    }
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) as usize;
+    number.set(n);
+    n
+}
+
+/// Waits until every read-side section under way when this is called has
+/// ended. Call it after publishing a replacement (with a `Release` store or
+/// stronger) and before dropping what readers could have loaded.
+///
+/// Answers `false` when that cannot be shown (the process-wide barrier
+/// failed): the caller must then keep the old value alive for good.
+#[must_use]
+fn wait_for_readers() -> bool {
+    decide_mode();
+    // MODE before BARRIER_FAILED: a failure stores them the other way
+    // round, so FENCES set by a failure is never taken for plain fences.
+    let mode = MODE.load(Ordering::Acquire);
+    if BARRIER_FAILED.load(Ordering::Acquire) {
+        return false;
+    }
+    if mode == PROCESS_BARRIER {
+        if !process_barrier() {
+            // Readers fence themselves from now on, but one already past
+            // its compiler fence may hold what was replaced, now or later:
+            // nothing replaced is freed again.
+            BARRIER_FAILED.store(true, Ordering::SeqCst);
+            MODE.store(FENCES, Ordering::SeqCst);
+            tracing::error!(
+                "membarrier(2) failed after it was set up (a seccomp filter installed later?): \
+                 replaced credentials are kept in memory, not zeroized; cached reads now fence"
+            );
+            return false;
+        }
+    } else {
+        fence(Ordering::SeqCst);
+    }
+    let slots: Vec<Arc<Slot>> = lock_slots().clone();
+    for slot in slots {
+        let seen = slot.sections.load(Ordering::Acquire);
+        if seen % 2 == 0 {
+            continue;
+        }
+        // A section under way: wait for that section to end (the count
+        // moves on), however many follow it.
+        let mut spins = 0u32;
+        while slot.sections.load(Ordering::Acquire) == seen {
+            if spins < 100 {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicPtr;
+    use std::sync::mpsc;
+
+    use super::*;
+
+    /// Makes the process-wide barrier fail in a child test process.
+    pub(super) const FAIL_BARRIER_ENV: &str = "IMDS_CLIENT_TEST_FAIL_MEMBARRIER";
+
+    #[test]
+    #[cfg(all(any(target_os = "linux", target_os = "android"), not(miri)))]
+    fn a_failed_process_barrier_never_frees_what_a_reader_may_hold() {
+        const NAME: &str = "provider::read_side::tests::a_failed_process_barrier_never_frees_what_a_reader_may_hold";
+        if !barrier_fails_in_this_test_process() {
+            // The failure is process-wide and for good: run in a child.
+            let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+                .args(["--exact", NAME, "--test-threads=1"])
+                .env(FAIL_BARRIER_ENV, "1")
+                .output()
+                .expect("run the child test");
+            assert!(
+                out.status.success(),
+                "child failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+                "the child ran the test"
+            );
+            return;
+        }
+        let published = Published::default();
+        let first = Arc::new(1u64);
+        let first_weak = Arc::downgrade(&first);
+        published.update(|_| (Some(first), ()));
+        assert_eq!(published.read(|v, _| *v), Some(1));
+        // The barrier fails: the replaced value is kept, readers now fence.
+        published.update(|_| (Some(Arc::new(2)), ()));
+        assert!(
+            first_weak.upgrade().is_some(),
+            "a value a reader may hold was freed"
+        );
+        assert_eq!(MODE.load(Ordering::SeqCst), FENCES);
+        // And every later replacement is kept too.
+        let second_weak = Arc::downgrade(&published.get().expect("published"));
+        published.update(|_| (None, ()));
+        assert!(
+            second_weak.upgrade().is_some(),
+            "freed after a failed barrier"
+        );
+        assert_eq!(published.read(|v, _| *v), None);
+    }
+
+    #[test]
+    fn a_replaced_value_is_freed_at_once_when_no_reader_holds_it() {
+        let published = Published::default();
+        let value = Arc::new(1u64);
+        let weak = Arc::downgrade(&value);
+        published.update(|_| (Some(value), ()));
+        assert_eq!(published.read(|v, _| *v), Some(1));
+        published.update(|_| (Some(Arc::new(2)), ()));
+        assert!(weak.upgrade().is_none(), "the replaced value must be gone");
+        assert_eq!(published.read(|v, _| *v), Some(2));
+    }
+
+    #[test]
+    fn a_writer_waits_for_a_section_under_way_and_not_for_later_ones() {
+        let (inside_tx, inside_rx) = mpsc::channel();
+        let (leave_tx, leave_rx) = mpsc::channel::<()>();
+        let reader = std::thread::spawn(move || {
+            section(|_| {
+                inside_tx.send(()).expect("send");
+                leave_rx.recv().expect("leave");
+            })
+            .expect("a live thread reads");
+        });
+        inside_rx.recv().expect("the reader is inside");
+        let waited = std::thread::spawn(wait_for_readers);
+        // The writer cannot finish while the section is open.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!waited.is_finished(), "the writer must wait for the reader");
+        leave_tx.send(()).expect("leave");
+        assert!(waited.join().expect("writer"));
+        reader.join().expect("reader");
+        // No section open: no wait.
+        assert!(wait_for_readers());
+    }
+
+    #[test]
+    fn readers_never_see_a_value_after_it_is_freed() {
+        // A writer swaps boxed values and frees each old one after waiting;
+        // each value checks on drop that it was not freed twice, and readers
+        // check that what they read was not yet dropped.
+        struct Value {
+            alive: AtomicBool,
+            n: u64,
+        }
+        impl Drop for Value {
+            fn drop(&mut self) {
+                assert!(self.alive.swap(false, Ordering::SeqCst), "dropped twice");
+            }
+        }
+        let new = |n| {
+            Box::into_raw(Box::new(Value {
+                alive: AtomicBool::new(true),
+                n,
+            }))
+        };
+        let current = Arc::new(AtomicPtr::new(new(0)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let current = current.clone();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut reads = 0u64;
+                    while !stop.load(Ordering::Relaxed) || reads == 0 {
+                        let n = section(|_| {
+                            let ptr = current.load(Ordering::Acquire);
+                            // SAFETY: the writer frees only after waiting for
+                            // this section.
+                            let value = unsafe { &*ptr };
+                            assert!(value.alive.load(Ordering::SeqCst), "read after free");
+                            value.n
+                        })
+                        .expect("a live thread reads");
+                        std::hint::black_box(n);
+                        reads += 1;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        for n in 1..=2_000 {
+            let old = current.swap(new(n), Ordering::SeqCst);
+            assert!(wait_for_readers());
+            // SAFETY: `old` came from `Box::into_raw` and no reader holds it.
+            drop(unsafe { Box::from_raw(old) });
+        }
+        stop.store(true, Ordering::Relaxed);
+        for reader in readers {
+            assert!(reader.join().expect("reader") > 0);
+        }
+        // SAFETY: all readers have exited.
+        drop(unsafe { Box::from_raw(current.load(Ordering::SeqCst)) });
+    }
+}
