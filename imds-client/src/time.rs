@@ -26,6 +26,7 @@ pub struct SystemTimeSource;
 
 impl TimeSource for SystemTimeSource {
     #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[inline]
     fn now(&self) -> SystemTime {
         // The one place the real wall clock is read. The coarse clock is the
         // kernel's last tick (resolution about 4 ms): several times cheaper
@@ -51,29 +52,43 @@ fn precise_now() -> SystemTime {
 
 /// A cheaply cloneable handle to a [`TimeSource`]; `Default` is the system clock.
 #[derive(Debug, Clone)]
-pub struct SharedTimeSource(Arc<dyn TimeSource>);
+pub struct SharedTimeSource(Source);
+
+/// The system clock is called directly (the cached path reads it on every
+/// call); any other source through its trait object.
+#[derive(Debug, Clone)]
+enum Source {
+    System,
+    Other(Arc<dyn TimeSource>),
+}
 
 impl SharedTimeSource {
     /// Wraps a time source.
     pub fn new(source: impl TimeSource + 'static) -> Self {
-        Self(Arc::new(source))
+        Self(Source::Other(Arc::new(source)))
     }
 
     /// The current wall-clock time according to the wrapped source.
+    #[inline]
     pub fn now(&self) -> SystemTime {
-        self.0.now()
+        match &self.0 {
+            Source::System => SystemTimeSource.now(),
+            Source::Other(source) => source.now(),
+        }
     }
 }
 
 impl Default for SharedTimeSource {
+    /// The system clock.
     fn default() -> Self {
-        Self::new(SystemTimeSource)
+        Self(Source::System)
     }
 }
 
 impl TimeSource for SharedTimeSource {
+    #[inline]
     fn now(&self) -> SystemTime {
-        self.0.now()
+        SharedTimeSource::now(self)
     }
 }
 

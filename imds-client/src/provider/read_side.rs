@@ -288,14 +288,26 @@ fn thread_number(number: &Cell<usize>) -> usize {
     n
 }
 
+/// How long a writer waits for one section before it keeps the old value
+/// instead. A section takes nanoseconds; one lasts longer only when its
+/// thread was descheduled mid-way, or in a child forked mid-section (the
+/// thread is gone, its slot stays odd): then the old value is kept alive
+/// (a few hundred bytes) rather than the writer waiting for good.
+const STUCK_SECTION: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Waits until every read-side section under way when this is called has
 /// ended. Call it after publishing a replacement (with a `Release` store or
 /// stronger) and before dropping what readers could have loaded.
 ///
 /// Answers `false` when that cannot be shown (the process-wide barrier
-/// failed): the caller must then keep the old value alive for good.
+/// failed, or a section lasted longer than [`STUCK_SECTION`]): the caller
+/// must then keep the old value alive for good.
 #[must_use]
 fn wait_for_readers() -> bool {
+    wait_for_readers_within(STUCK_SECTION)
+}
+
+fn wait_for_readers_within(stuck: std::time::Duration) -> bool {
     decide_mode();
     // MODE before BARRIER_FAILED: a failure stores them the other way
     // round, so FENCES set by a failure is never taken for plain fences.
@@ -320,24 +332,39 @@ fn wait_for_readers() -> bool {
         fence(Ordering::SeqCst);
     }
     let slots: Vec<Arc<Slot>> = lock_slots().clone();
+    let mut all_ended = true;
     for slot in slots {
         let seen = slot.sections.load(Ordering::Acquire);
         if seen % 2 == 0 {
             continue;
         }
         // A section under way: wait for that section to end (the count
-        // moves on), however many follow it.
-        let mut spins = 0u32;
+        // moves on), however many follow it. Spin, then yield, then sleep
+        // in steps of a millisecond.
+        let mut tries = 0u32;
+        let mut slept = std::time::Duration::ZERO;
         while slot.sections.load(Ordering::Acquire) == seen {
-            if spins < 100 {
+            tries = tries.saturating_add(1);
+            if tries < 100 {
                 std::hint::spin_loop();
-                spins += 1;
-            } else {
+            } else if tries < 1_100 {
                 std::thread::yield_now();
+            } else if slept < stuck {
+                let step = std::time::Duration::from_millis(1);
+                std::thread::sleep(step);
+                slept += step;
+            } else {
+                tracing::warn!(
+                    "a cached read has not finished in {} s (a thread stopped mid-read, or a \
+                     forked child): the credentials it may hold are kept in memory",
+                    stuck.as_secs_f64()
+                );
+                all_ended = false;
+                break;
             }
         }
     }
-    true
+    all_ended
 }
 
 #[cfg(test)]
@@ -428,6 +455,26 @@ mod tests {
         reader.join().expect("reader");
         // No section open: no wait.
         assert!(wait_for_readers());
+    }
+
+    #[test]
+    fn a_writer_gives_up_on_a_section_that_never_ends_and_says_so() {
+        let (inside_tx, inside_rx) = mpsc::channel();
+        let (leave_tx, leave_rx) = mpsc::channel::<()>();
+        let reader = std::thread::spawn(move || {
+            section(|_| {
+                inside_tx.send(()).expect("send");
+                leave_rx.recv().expect("leave");
+            })
+            .expect("a live thread reads");
+        });
+        inside_rx.recv().expect("the reader is inside");
+        assert!(
+            !wait_for_readers_within(std::time::Duration::from_millis(20)),
+            "a writer must not claim a stuck section ended"
+        );
+        leave_tx.send(()).expect("leave");
+        reader.join().expect("reader");
     }
 
     #[test]
