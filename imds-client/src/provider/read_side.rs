@@ -369,7 +369,6 @@ fn wait_for_readers_within(stuck: std::time::Duration) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicPtr;
     use std::sync::mpsc;
 
     use super::*;
@@ -478,61 +477,46 @@ mod tests {
     }
 
     #[test]
-    fn readers_never_see_a_value_after_it_is_freed() {
-        // A writer swaps boxed values and frees each old one after waiting;
-        // each value checks on drop that it was not freed twice, and readers
-        // check that what they read was not yet dropped.
-        struct Value {
-            alive: AtomicBool,
-            n: u64,
-        }
-        impl Drop for Value {
-            fn drop(&mut self) {
-                assert!(self.alive.swap(false, Ordering::SeqCst), "dropped twice");
-            }
-        }
-        let new = |n| {
-            Box::into_raw(Box::new(Value {
-                alive: AtomicBool::new(true),
-                n,
-            }))
-        };
-        let current = Arc::new(AtomicPtr::new(new(0)));
+    fn readers_never_see_a_value_after_it_is_retired() {
+        // Values live in an arena and are never freed, so a wrong protocol
+        // shows as a retired value read (not as undefined behaviour): a
+        // writer publishes each next value, waits, then retires the old one;
+        // readers take their time inside the section and then check that
+        // what they loaded is not retired yet.
+        const VALUES: usize = 1_000;
+        let arena: Arc<Vec<AtomicBool>> =
+            Arc::new((0..VALUES).map(|_| AtomicBool::new(true)).collect());
+        let current = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let readers: Vec<_> = (0..3)
+        let readers: Vec<_> = (0..2)
             .map(|_| {
-                let current = current.clone();
-                let stop = stop.clone();
+                let (arena, current, stop) = (arena.clone(), current.clone(), stop.clone());
                 std::thread::spawn(move || {
                     let mut reads = 0u64;
                     while !stop.load(Ordering::Relaxed) || reads == 0 {
-                        let n = section(|_| {
-                            let ptr = current.load(Ordering::Acquire);
-                            // SAFETY: the writer frees only after waiting for
-                            // this section.
-                            let value = unsafe { &*ptr };
-                            assert!(value.alive.load(Ordering::SeqCst), "read after free");
-                            value.n
+                        let retired = section(|_| {
+                            let index = current.load(Ordering::Acquire) as usize;
+                            for _ in 0..50 {
+                                std::hint::spin_loop();
+                            }
+                            !arena[index].load(Ordering::SeqCst)
                         })
                         .expect("a live thread reads");
-                        std::hint::black_box(n);
+                        assert!(!retired, "a reader held a value the writer retired");
                         reads += 1;
                     }
                     reads
                 })
             })
             .collect();
-        for n in 1..=2_000 {
-            let old = current.swap(new(n), Ordering::SeqCst);
+        for next in 1..VALUES {
+            let old = current.swap(next as u64, Ordering::SeqCst) as usize;
             assert!(wait_for_readers());
-            // SAFETY: `old` came from `Box::into_raw` and no reader holds it.
-            drop(unsafe { Box::from_raw(old) });
+            arena[old].store(false, Ordering::SeqCst);
         }
         stop.store(true, Ordering::Relaxed);
         for reader in readers {
             assert!(reader.join().expect("reader") > 0);
         }
-        // SAFETY: all readers have exited.
-        drop(unsafe { Box::from_raw(current.load(Ordering::SeqCst)) });
     }
 }
