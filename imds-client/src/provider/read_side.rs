@@ -184,7 +184,7 @@ fn decide_mode() {
     if MODE.load(Ordering::Acquire) != UNDECIDED {
         return;
     }
-    let mode = if register_process_barrier() {
+    let mode = if membarrier(Membarrier::Register) {
         PROCESS_BARRIER
     } else {
         FENCES
@@ -199,34 +199,35 @@ fn barrier_fails_in_this_test_process() -> bool {
     std::env::var_os(tests::FAIL_BARRIER_ENV).is_some()
 }
 
-#[cfg(all(any(target_os = "linux", target_os = "android"), not(miri)))]
-fn register_process_barrier() -> bool {
-    use rustix::thread::{MembarrierCommand, membarrier};
+/// A `membarrier(2)` step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Membarrier {
+    /// Register this process for the expedited private barrier (once).
+    Register,
+    /// Issue the barrier on every running thread of this process.
+    Issue,
+}
+
+/// Takes `step`; `false` where there is no `membarrier` or it is refused.
+fn membarrier(step: Membarrier) -> bool {
     #[cfg(test)]
     if barrier_fails_in_this_test_process() {
-        return true;
+        return step == Membarrier::Register;
     }
-    membarrier(MembarrierCommand::RegisterPrivateExpedited).is_ok()
-}
-
-#[cfg(not(all(any(target_os = "linux", target_os = "android"), not(miri))))]
-fn register_process_barrier() -> bool {
-    false
-}
-
-#[cfg(all(any(target_os = "linux", target_os = "android"), not(miri)))]
-fn process_barrier() -> bool {
-    use rustix::thread::{MembarrierCommand, membarrier};
-    #[cfg(test)]
-    if barrier_fails_in_this_test_process() {
-        return false;
+    #[cfg(all(any(target_os = "linux", target_os = "android"), not(miri)))]
+    {
+        use rustix::thread::MembarrierCommand;
+        let command = match step {
+            Membarrier::Register => MembarrierCommand::RegisterPrivateExpedited,
+            Membarrier::Issue => MembarrierCommand::PrivateExpedited,
+        };
+        rustix::thread::membarrier(command).is_ok()
     }
-    membarrier(MembarrierCommand::PrivateExpedited).is_ok()
-}
-
-#[cfg(not(all(any(target_os = "linux", target_os = "android"), not(miri))))]
-fn process_barrier() -> bool {
-    false
+    #[cfg(not(all(any(target_os = "linux", target_os = "android"), not(miri))))]
+    {
+        let _ = step;
+        false
+    }
 }
 
 /// The reader's side of the barrier pair.
@@ -316,7 +317,7 @@ fn wait_for_readers_within(stuck: std::time::Duration) -> bool {
         return false;
     }
     if mode == PROCESS_BARRIER {
-        if !process_barrier() {
+        if !membarrier(Membarrier::Issue) {
             // Readers fence themselves from now on, but one already past
             // its compiler fence may hold what was replaced, now or later:
             // nothing replaced is freed again.
