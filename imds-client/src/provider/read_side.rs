@@ -256,17 +256,35 @@ fn section<T>(read: impl FnOnce(usize) -> T) -> Option<T> {
         .try_with(|registration| {
             let slot = &registration.slot.sections;
             // Only this thread writes its slot: a plain load and store, no
-            // locked instruction.
+            // locked instruction. Both stores are `Release` (plain moves on
+            // x86): a writer that reads either this section's end or any
+            // later section's start has everything this section read
+            // happen before it frees.
             let before = slot.load(Ordering::Relaxed);
-            slot.store(before.wrapping_add(1), Ordering::Relaxed);
+            slot.store(before.wrapping_add(1), Ordering::Release);
+            // Ends the section even if `read` unwinds, so no writer waits
+            // for a section that is over.
+            let _leave = Leave {
+                slot,
+                at: before.wrapping_add(2),
+            };
             reader_barrier();
-            let out = read(thread_number(&registration.number));
-            // Release: everything `read` did happens before a writer that
-            // sees this store goes on to free.
-            slot.store(before.wrapping_add(2), Ordering::Release);
-            out
+            read(thread_number(&registration.number))
         })
         .ok()
+}
+
+/// Ends a section when dropped.
+struct Leave<'a> {
+    slot: &'a AtomicU64,
+    at: u64,
+}
+
+impl Drop for Leave<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.slot.store(self.at, Ordering::Release);
+    }
 }
 
 /// This thread's number: threads are numbered in the order they first read,
@@ -455,6 +473,20 @@ mod tests {
         reader.join().expect("reader");
         // No section open: no wait.
         assert!(wait_for_readers());
+    }
+
+    #[test]
+    fn a_section_that_unwinds_is_over() {
+        let unwound = std::thread::spawn(|| {
+            let caught =
+                std::panic::catch_unwind(|| section(|_| panic!("a reader's clone failed")));
+            assert!(caught.is_err());
+            // Still inside this thread: no writer may wait for it.
+            assert!(wait_for_readers_within(std::time::Duration::from_secs(5)));
+        });
+        unwound
+            .join()
+            .expect("the writer did not wait for an unwound section");
     }
 
     #[test]
