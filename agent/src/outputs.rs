@@ -371,6 +371,8 @@ mod tests {
         opened: std::sync::Condvar,
         writes: AtomicUsize,
         fail: std::sync::atomic::AtomicBool,
+        /// Fail with another cause than the full disk.
+        other_cause: std::sync::atomic::AtomicBool,
         last: Mutex<Option<Wanted>>,
     }
 
@@ -392,6 +394,9 @@ mod tests {
             }
             self.writes.fetch_add(1, Ordering::SeqCst);
             if self.fail.load(Ordering::SeqCst) {
+                if self.other_cause.load(Ordering::SeqCst) {
+                    anyhow::bail!("the directory was made read-only");
+                }
                 anyhow::bail!("the disk is full");
             }
             *self.last.lock().unwrap() = Some(Wanted::Credentials(current.clone()));
@@ -554,6 +559,75 @@ mod tests {
             "expected the recovery line to count all {tries} failed tries"
         );
         assert_eq!(metrics.outputs_failing(), 0, "no longer failing");
+        outputs.stop(Duration::from_secs(1)).await;
+    }
+
+    /// A failure with a new cause is logged in full at once, not left for
+    /// the next minute's summary; the summary then gives the new cause.
+    #[tokio::test(start_paused = true)]
+    #[tracing_test::traced_test]
+    async fn a_failing_output_logs_a_new_cause_at_once() {
+        let metrics = Arc::new(Metrics::default());
+        let sink = Arc::new(Gate::default());
+        sink.release();
+        sink.fail.store(true, Ordering::SeqCst);
+        let limits = WriteLimits::default();
+        assert_eq!(limits.retry_interval, Duration::from_secs(5));
+        let mut outputs = Outputs::start(vec![sink.clone()], limits, metrics.clone());
+        outputs.set(Wanted::Credentials(creds(1)));
+        // Tries at 0, 5, 10, 15 and 20 s fail on the full disk.
+        tokio::time::sleep(Duration::from_secs(22)).await;
+        assert_eq!(sink.writes.load(Ordering::SeqCst), 5);
+        sink.other_cause.store(true, Ordering::SeqCst);
+        // The try at 25 s fails for another reason.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(sink.writes.load(Ordering::SeqCst), 6);
+        let full_lines = |lines: &[&str], cause: &str| {
+            lines
+                .iter()
+                .filter(|l| {
+                    l.contains("could not update an output; will retry") && l.contains(cause)
+                })
+                .count()
+        };
+        logs_assert(|lines| {
+            let summaries = lines
+                .iter()
+                .filter(|l| l.contains("an output still cannot be updated"))
+                .count();
+            match (
+                full_lines(lines, "the disk is full"),
+                full_lines(lines, "the directory was made read-only"),
+                summaries,
+            ) {
+                (1, 1, 0) => Ok(()),
+                seen => Err(format!(
+                    "expected one full line per cause and no summary within the minute; \
+                     saw {seen:?}:\n{}",
+                    lines.join("\n")
+                )),
+            }
+        });
+        // A minute after the new cause was logged, its summary.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        logs_assert(|lines| {
+            let summaries: Vec<&&str> = lines
+                .iter()
+                .filter(|l| l.contains("an output still cannot be updated"))
+                .collect();
+            if summaries.len() == 1
+                && summaries[0].contains("the directory was made read-only")
+                && summaries[0].contains("12 more failed tries")
+            {
+                Ok(())
+            } else {
+                Err(format!(
+                    "expected one summary with the new cause and its 12 tries: {summaries:#?}"
+                ))
+            }
+        });
+        sink.fail.store(false, Ordering::SeqCst);
+        assert!(outputs.next_applied().await, "the retry succeeded");
         outputs.stop(Duration::from_secs(1)).await;
     }
 
