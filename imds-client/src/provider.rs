@@ -52,7 +52,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use cache::{Cache, Entry, Timing, Windows};
+use cache::{Cache, Entry, Shard, Timing, Windows};
 use policy::{AfterFailure, CLOCK_SKEW_WARNING, Decision, NON_RECOVERABLE_FAILURE_TTL};
 
 use crate::client::ImdsClient;
@@ -254,12 +254,7 @@ impl ImdsCredentialsProvider {
 
     /// Current credentials: from the cache while fresh, otherwise loaded.
     pub async fn credentials(&self) -> Result<crate::Credentials, Error> {
-        let now = self.inner.clock.now();
-        if let Some(credentials) = self
-            .inner
-            .cache
-            .read_fresh(now, |_, shard| shard.credentials.clone())
-        {
+        if let Some(credentials) = self.cached(|_, shard| shard.credentials.clone()) {
             return Ok(credentials);
         }
         // Boxed: this future stays a few words, so a cached call neither
@@ -271,7 +266,7 @@ impl ImdsCredentialsProvider {
 
     /// Current credentials with the role they belong to.
     pub async fn role_credentials(&self) -> Result<RoleCredentials, Error> {
-        if let Some(current) = self.cached(|e| e.current.clone()) {
+        if let Some(current) = self.cached(|e, _| e.current.clone()) {
             return Ok(current);
         }
         Box::pin(self.resolve(Reason::Mandatory))
@@ -342,12 +337,13 @@ impl ImdsCredentialsProvider {
         self.inner.cache.get().map(|e| e.current.clone())
     }
 
-    /// The cached path: `read` applied to the entry when the policy says
-    /// serve it without asking. No lock, no reference count written.
+    /// The cached path: `read` applied to the entry and this thread's copy
+    /// of its credentials when the policy says serve them without asking.
+    /// No lock, no shared count written but the clone `read` makes.
     #[inline]
-    fn cached<T>(&self, read: impl FnOnce(&Entry) -> T) -> Option<T> {
+    fn cached<T>(&self, read: impl FnOnce(&Entry, &Shard) -> T) -> Option<T> {
         let now = self.inner.clock.now();
-        self.inner.cache.read_fresh(now, |entry, _| read(entry))
+        self.inner.cache.read_fresh(now, read)
     }
 
     /// The slow path: what the policy says for the entry cached now.
@@ -379,10 +375,7 @@ impl ImdsCredentialsProvider {
     /// they are (see [`sdk`]).
     #[inline]
     pub(crate) fn cached_sdk(&self) -> Option<aws_credential_types::Credentials> {
-        let now = self.inner.clock.now();
-        self.inner
-            .cache
-            .read_fresh(now, |_, shard| shard.sdk.clone())
+        self.cached(|_, shard| shard.sdk.clone())
     }
 
     /// The AWS SDK's credentials, by the slow path.
