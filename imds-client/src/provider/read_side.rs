@@ -452,25 +452,44 @@ mod tests {
         assert_eq!(published.read(|v, _| *v), Some(2));
     }
 
+    /// A reader thread held inside a section until told to leave.
+    struct ParkedReader {
+        leave: mpsc::Sender<()>,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    impl ParkedReader {
+        /// Returns once the reader is inside its section.
+        fn inside_a_section() -> Self {
+            let (inside_tx, inside_rx) = mpsc::channel();
+            let (leave, leave_rx) = mpsc::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                section(|_| {
+                    inside_tx.send(()).expect("send");
+                    leave_rx.recv().expect("leave");
+                })
+                .expect("a live thread reads");
+            });
+            inside_rx.recv().expect("the reader is inside");
+            Self { leave, thread }
+        }
+
+        /// Ends the section and the thread.
+        fn leave(self) {
+            self.leave.send(()).expect("leave");
+            self.thread.join().expect("reader");
+        }
+    }
+
     #[test]
     fn a_writer_waits_for_a_section_under_way_and_not_for_later_ones() {
-        let (inside_tx, inside_rx) = mpsc::channel();
-        let (leave_tx, leave_rx) = mpsc::channel::<()>();
-        let reader = std::thread::spawn(move || {
-            section(|_| {
-                inside_tx.send(()).expect("send");
-                leave_rx.recv().expect("leave");
-            })
-            .expect("a live thread reads");
-        });
-        inside_rx.recv().expect("the reader is inside");
+        let reader = ParkedReader::inside_a_section();
         let waited = std::thread::spawn(wait_for_readers);
         // The writer cannot finish while the section is open.
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(!waited.is_finished(), "the writer must wait for the reader");
-        leave_tx.send(()).expect("leave");
+        reader.leave();
         assert!(waited.join().expect("writer"));
-        reader.join().expect("reader");
         // No section open: no wait.
         assert!(wait_for_readers());
     }
@@ -491,22 +510,12 @@ mod tests {
 
     #[test]
     fn a_writer_gives_up_on_a_section_that_never_ends_and_says_so() {
-        let (inside_tx, inside_rx) = mpsc::channel();
-        let (leave_tx, leave_rx) = mpsc::channel::<()>();
-        let reader = std::thread::spawn(move || {
-            section(|_| {
-                inside_tx.send(()).expect("send");
-                leave_rx.recv().expect("leave");
-            })
-            .expect("a live thread reads");
-        });
-        inside_rx.recv().expect("the reader is inside");
+        let reader = ParkedReader::inside_a_section();
         assert!(
             !wait_for_readers_within(std::time::Duration::from_millis(20)),
             "a writer must not claim a stuck section ended"
         );
-        leave_tx.send(()).expect("leave");
-        reader.join().expect("reader");
+        reader.leave();
     }
 
     #[test]
