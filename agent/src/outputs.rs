@@ -409,6 +409,28 @@ mod tests {
         }
     }
 
+    /// The once-a-minute lines of a failing output among `lines`.
+    fn summaries<'a>(lines: &[&'a str]) -> Vec<&'a str> {
+        lines
+            .iter()
+            .copied()
+            .filter(|l| l.contains("an output still cannot be updated"))
+            .collect()
+    }
+
+    /// One output whose every write fails (a full disk), started at the
+    /// default limits and asked to publish `creds(1)`.
+    fn failing_output() -> (Arc<Metrics>, Arc<Gate>, WriteLimits, Outputs) {
+        let metrics = Arc::new(Metrics::default());
+        let sink = Arc::new(Gate::default());
+        sink.release();
+        sink.fail.store(true, Ordering::SeqCst);
+        let limits = WriteLimits::default();
+        let mut outputs = Outputs::start(vec![sink.clone()], limits, metrics.clone());
+        outputs.set(Wanted::Credentials(creds(1)));
+        (metrics, sink, limits, outputs)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_stuck_output_is_reported_and_the_others_and_the_caller_go_on() {
         let metrics = Arc::new(Metrics::default());
@@ -465,13 +487,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_write_is_retried_until_it_succeeds() {
-        let metrics = Arc::new(Metrics::default());
-        let sink = Arc::new(Gate::default());
-        sink.release();
-        sink.fail.store(true, Ordering::SeqCst);
-        let limits = WriteLimits::default();
-        let mut outputs = Outputs::start(vec![sink.clone()], limits, metrics.clone());
-        outputs.set(Wanted::Credentials(creds(1)));
+        let (metrics, sink, limits, mut outputs) = failing_output();
         tokio::time::sleep(limits.retry_interval * 3 + Duration::from_millis(1)).await;
         let tries = sink.writes.load(Ordering::SeqCst);
         assert!(
@@ -499,13 +515,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     #[tracing_test::traced_test]
     async fn a_failing_output_logs_once_a_minute_and_once_when_it_recovers() {
-        let metrics = Arc::new(Metrics::default());
-        let sink = Arc::new(Gate::default());
-        sink.release();
-        sink.fail.store(true, Ordering::SeqCst);
-        let limits = WriteLimits::default();
-        let mut outputs = Outputs::start(vec![sink.clone()], limits, metrics.clone());
-        outputs.set(Wanted::Credentials(creds(1)));
+        let (metrics, sink, limits, mut outputs) = failing_output();
         tokio::time::sleep(Duration::from_secs(600) + Duration::from_millis(1)).await;
         let tries = sink.writes.load(Ordering::SeqCst) as u64;
         assert!(
@@ -531,10 +541,7 @@ mod tests {
         logs_assert(|lines| {
             let count = |text: &str| lines.iter().filter(|l| l.contains(text)).count();
             let first = count("could not update an output; will retry");
-            let summaries: Vec<&&str> = lines
-                .iter()
-                .filter(|l| l.contains("an output still cannot be updated"))
-                .collect();
+            let summaries = summaries(lines);
             let recovered = count("output written again after");
             if first != 1 || !(9..=10).contains(&summaries.len()) || recovered != 1 {
                 return Err(format!(
@@ -567,14 +574,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     #[tracing_test::traced_test]
     async fn a_failing_output_logs_a_new_cause_at_once() {
-        let metrics = Arc::new(Metrics::default());
-        let sink = Arc::new(Gate::default());
-        sink.release();
-        sink.fail.store(true, Ordering::SeqCst);
-        let limits = WriteLimits::default();
+        let (_metrics, sink, limits, mut outputs) = failing_output();
         assert_eq!(limits.retry_interval, Duration::from_secs(5));
-        let mut outputs = Outputs::start(vec![sink.clone()], limits, metrics.clone());
-        outputs.set(Wanted::Credentials(creds(1)));
         // Tries at 0, 5, 10, 15 and 20 s fail on the full disk.
         tokio::time::sleep(Duration::from_secs(22)).await;
         assert_eq!(sink.writes.load(Ordering::SeqCst), 5);
@@ -591,10 +592,7 @@ mod tests {
                 .count()
         };
         logs_assert(|lines| {
-            let summaries = lines
-                .iter()
-                .filter(|l| l.contains("an output still cannot be updated"))
-                .count();
+            let summaries = summaries(lines).len();
             match (
                 full_lines(lines, "the disk is full"),
                 full_lines(lines, "the directory was made read-only"),
@@ -611,10 +609,7 @@ mod tests {
         // A minute after the new cause was logged, its summary.
         tokio::time::sleep(Duration::from_secs(60)).await;
         logs_assert(|lines| {
-            let summaries: Vec<&&str> = lines
-                .iter()
-                .filter(|l| l.contains("an output still cannot be updated"))
-                .collect();
+            let summaries = summaries(lines);
             if summaries.len() == 1
                 && summaries[0].contains("the directory was made read-only")
                 && summaries[0].contains("12 more failed tries")
