@@ -8,8 +8,7 @@
 //! `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` set to the agent's own
 //! pid (a shell sets it to `$$`, then `exec`s the agent in its place).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
 use std::process::Command;
@@ -19,7 +18,7 @@ use imds_client::mock::MockImds;
 use rustix::process::Signal;
 
 use crate::eqnice;
-use crate::util::{PATIENCE, Running, unix_get, wait_for};
+use crate::util::{Running, authorization_header, http_get, unix_get, wait_for};
 
 /// A `sh -c` script that runs `"$0" "$@"` in its own place (`exec`) with
 /// `LISTEN_PID` set to its pid, which `exec` keeps: the agent's pid, as
@@ -75,26 +74,8 @@ fn get_as(
     path: &str,
     authorization: Option<&str>,
 ) -> (u16, String) {
-    let mut stream =
-        TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    let auth = authorization
-        .map(|t| format!("Authorization: {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_owned())
+    let headers = format!("Host: {host}\r\n{}", authorization_header(authorization));
+    http_get(addr, path, &headers).unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -33,7 +33,6 @@
 //! `apply-imds-lockdown.sh`, with the test agent's uid in place of the
 //! `imds-agent` user.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
@@ -42,7 +41,7 @@ use std::time::Duration;
 
 use imds_client::mock::MockImds;
 
-use crate::util::{PATIENCE, Running, Stranger, wait_for};
+use crate::util::{PATIENCE, Running, Stranger, authorization_header, http_get, wait_for};
 
 /// The packaged host files.
 fn host_file(name: &str) -> String {
@@ -376,29 +375,13 @@ fn get_credentials(
     endpoint: SocketAddr,
     authorization: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&endpoint, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(PATIENCE))?;
     let host = match endpoint {
         _ if endpoint.port() != 80 => endpoint.to_string(),
         SocketAddr::V4(a) => a.ip().to_string(),
         SocketAddr::V6(a) => format!("[{}]", a.ip()),
     };
-    let auth = authorization
-        .map(|t| format!("Authorization: {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "GET /v1/credentials HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_owned()))
+    let headers = format!("Host: {host}\r\n{}", authorization_header(authorization));
+    http_get(endpoint, "/v1/credentials", &headers)
 }
 
 /// A body fit for a failure message: an error document as it is, never a

@@ -399,21 +399,47 @@ impl Running {
     }
 }
 
-/// `GET /credentials` on the container endpoint at `127.0.0.1:port`, with
-/// `headers` (each ending in CRLF): (status, body).
-pub(crate) fn container_request(port: u16, headers: &str) -> (u16, String) {
+/// One `GET path` over TCP to `addr` with `headers` (each ending in CRLF;
+/// `Host` among them when wanted), the server closing the connection:
+/// (status, body), the status 0 when the answer has no status line. Waits
+/// at most 5 s to connect and [`PATIENCE`] for the answer.
+pub(crate) fn http_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &str,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(PATIENCE))?;
     write!(
         stream,
-        "GET /credentials HTTP/1.1\r\n{headers}Connection: close\r\n\r\n"
-    )
-    .unwrap();
+        "GET {path} HTTP/1.1\r\n{headers}Connection: close\r\n\r\n"
+    )?;
     let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
+    stream.read_to_string(&mut raw)?;
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    (
-        head.split_whitespace().nth(1).unwrap().parse().unwrap(),
-        body.to_owned(),
-    )
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
+/// The `Authorization` header line for `token`, or nothing.
+pub(crate) fn authorization_header(token: Option<&str>) -> String {
+    token
+        .map(|t| format!("Authorization: {t}\r\n"))
+        .unwrap_or_default()
+}
+
+/// `GET /credentials` on the container endpoint at `127.0.0.1:port`, with
+/// `headers` (each ending in CRLF): (status, body). Panics when the answer
+/// has no status line.
+pub(crate) fn container_request(port: u16, headers: &str) -> (u16, String) {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let (status, body) = http_get(addr, "/credentials", headers)
+        .unwrap_or_else(|e| panic!("GET /credentials on {addr}: {e}"));
+    assert_ne!(status, 0, "no HTTP status line in the answer: {body:?}");
+    (status, body)
 }
