@@ -13,7 +13,6 @@ use imds_client::{
     Credentials, Error, ErrorKind, ImdsCredentialsProvider, ManualTimeSource, RoleCredentials,
     SharedTimeSource,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Daemon, Refresh, Server, run};
 use crate::metrics::Metrics;
@@ -241,23 +240,8 @@ impl Harness {
 }
 
 async fn get(socket: &Path, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_owned())
+    let answer = crate::socket_client::test_get(socket, path).await;
+    (answer.status, answer.body)
 }
 
 /// The provider takes its source by value; the test keeps a handle.

@@ -632,7 +632,6 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use imds_client::{Credentials, Error, ErrorKind, ManualTimeSource};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
     use crate::audit_limit::REFUSAL_SUMMARY_INTERVAL;
@@ -750,29 +749,11 @@ mod tests {
     }
 
     async fn get(socket: PathBuf, path: String) -> Got {
-        let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-            .unwrap();
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw).await.unwrap();
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        let answer = crate::socket_client::test_get(&socket, &path).await;
         Got {
-            status: head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0),
-            etag: head.lines().find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("etag")
-                    .then(|| value.trim().to_owned())
-            }),
-            body: body.to_owned(),
+            status: answer.status,
+            etag: answer.header("etag").map(str::to_owned),
+            body: answer.body,
         }
     }
 
@@ -907,32 +888,27 @@ mod tests {
     async fn a_304_has_the_tag_and_no_body_or_content_headers() {
         let socket = Socket::start(active("r", "ASIAFIRST", at(3600)));
         let tag = etag(&socket.get("/credentials").await);
-        let mut stream = tokio::net::UnixStream::connect(&socket.path).await.unwrap();
-        stream
-            .write_all(
-                format!(
-                    "GET /credentials?since={} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-                    bare(&tag)
-                )
-                .as_bytes(),
-            )
-            .await
-            .unwrap();
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw).await.unwrap();
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-        assert!(head.starts_with("HTTP/1.1 304 "), "{raw:?}");
-        assert!(head.lines().any(|l| l == format!("etag: {tag}")), "{raw:?}");
+        let answer = crate::socket_client::test_get(
+            &socket.path,
+            &format!("/credentials?since={}", bare(&tag)),
+        )
+        .await;
+        let head = &answer.head;
+        assert!(head.starts_with("HTTP/1.1 304 "), "{answer:?}");
+        assert!(
+            head.lines().any(|l| l == format!("etag: {tag}")),
+            "{answer:?}"
+        );
         let lower = head.to_ascii_lowercase();
         assert!(
             !lower.contains("content-type:"),
-            "expected no content type on a 304: {raw:?}"
+            "expected no content type on a 304: {answer:?}"
         );
         assert!(
             !lower.contains("content-length:") || lower.contains("content-length: 0"),
-            "expected no content length (or 0) on a 304: {raw:?}"
+            "expected no content length (or 0) on a 304: {answer:?}"
         );
-        assert_eq!(body, "", "expected no body on a 304: {raw:?}");
+        assert_eq!(answer.body, "", "expected no body on a 304: {answer:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -61,3 +61,17 @@ pub(crate) async fn exchange(
         body: body.to_owned(),
     })
 }
+
+/// `GET path` on the socket at `socket`, for tests: the answer, or a panic
+/// naming what went wrong. Waits as long as a test may (a day, which a
+/// paused clock reaches only if nothing else would ever answer).
+#[cfg(test)]
+pub(crate) async fn test_get(socket: &std::path::Path, path: &str) -> Answer {
+    let stream = UnixStream::connect(socket)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    exchange(stream, request.as_bytes(), Duration::from_secs(24 * 3600))
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
+}
