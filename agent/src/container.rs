@@ -370,64 +370,20 @@ async fn for_consumer(
     }
 }
 
-/// Serves the endpoint until `shutdown` resolves, with the same connection
-/// limits as the Unix socket: any local process (or container) can reach a
-/// loopback port, so idle or flooding clients must not exhaust the agent.
-/// Refusals are counted in a [`Metrics`] of its own, and `RoleArn` is left
-/// out; use [`serve_with_metrics`] to count them in the agent's `/metrics`
-/// and name the role's ARN.
-pub async fn serve(
-    listener: TcpListener,
-    token: SecretString,
-    state: watch::Receiver<ProviderState>,
-    clock: SharedTimeSource,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::default());
-    serve_with_metrics(listener, token, state, clock, metrics, None, shutdown).await
-}
-
-/// [`serve`], counting refusals (`imds_agent_refused_connections_total`
-/// with `endpoint="container"`) in `metrics`. With `imds`, `iam/info` is
-/// read at start and on each role change (see [`InstanceProfile`]), so the
-/// document names the role's ARN in the instance's partition and account.
-pub async fn serve_with_metrics(
-    listener: TcpListener,
-    token: SecretString,
-    state: watch::Receiver<ProviderState>,
-    clock: SharedTimeSource,
-    metrics: Arc<Metrics>,
-    imds: Option<ImdsClient>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    serve_for_consumers(listener, token, state, clock, metrics, imds, None, shutdown).await
-}
-
-/// As [`serve_with_metrics`], and with a config file a container presenting
-/// a consumer's token gets that consumer's session; the agent's own token
-/// then gets the instance role only with `unmatched = "instance-role"`.
-#[allow(clippy::too_many_arguments)]
-pub async fn serve_for_consumers(
-    listener: TcpListener,
-    token: SecretString,
-    state: watch::Receiver<ProviderState>,
-    clock: SharedTimeSource,
-    metrics: Arc<Metrics>,
-    imds: Option<ImdsClient>,
-    consumers: Option<ContainerConsumers>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let listeners = vec![listener];
-    serve_all(
-        listeners, token, state, clock, metrics, imds, consumers, shutdown,
-    )
-    .await
-}
-
-/// As [`serve_for_consumers`], on every listener in `listeners` at once
-/// (the IPv4 and IPv6 sockets systemd passes, say): one server, so the
-/// connection caps are shared, as if the listeners were one. Each request's
-/// `Host` is checked against the address its connection came in on.
+/// Serves the endpoint on every listener in `listeners` at once (the IPv4
+/// and IPv6 sockets systemd passes, say) until `shutdown` resolves: one
+/// server, so the connection caps are shared as if the listeners were one,
+/// and they are the Unix socket's, since any local process (or container)
+/// can reach the port and idle or flooding clients must not exhaust the
+/// agent. Each request's `Host` is checked against the address its
+/// connection came in on. Refusals are counted in `metrics`
+/// (`imds_agent_refused_connections_total` with `endpoint="container"`).
+/// With `imds`, `iam/info` is read at start and on each role change (see
+/// [`InstanceProfile`]), so the document names the role's ARN in the
+/// instance's partition and account; without it `RoleArn` is left out.
+/// With `consumers` (a config file), a container presenting a consumer's
+/// token gets that consumer's session; the agent's own token then gets the
+/// instance role only with `unmatched = "instance-role"`.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve_all(
     listeners: Vec<TcpListener>,
@@ -647,8 +603,8 @@ mod tests {
             let metrics = Arc::new(Metrics::default());
             let (state, rx) = watch::channel(state);
             let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let server = tokio::spawn(serve_for_consumers(
-                listener,
+            let server = tokio::spawn(serve_all(
+                vec![listener],
                 SecretString::new(TOKEN.to_owned()),
                 rx,
                 SharedTimeSource::default(),
