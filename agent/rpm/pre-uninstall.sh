@@ -7,37 +7,27 @@
 # endpoint's socket (imds-agent-container.socket), for the same reason.
 # The outputs (/var/lib/imds-agent), an edited /etc/sysconfig/imds-agent (kept
 # as .rpmsave) and the imds-agent user stay, as Fedora packages leave users.
+
+# turn_off UNIT WHAT FILES: if the opt-in UNIT is enabled or running,
+# disable and stop it and say so.
+turn_off() {
+    if systemctl is-enabled --quiet "$1" 2>/dev/null ||
+        systemctl is-active --quiet "$1" 2>/dev/null; then
+        systemctl --no-reload disable "$1" >/dev/null 2>&1 || :
+        if [ -d /run/systemd/system ]; then
+            systemctl stop "$1" >/dev/null 2>&1 || :
+        fi
+        echo "imds-agent: $2 ($1) is off: $3 with the package."
+    fi
+}
 if [ "$1" -eq 0 ]; then
     systemctl --no-reload disable imds-agent.service imds-agent.socket >/dev/null 2>&1 || :
-    lockdown=no
-    if systemctl is-enabled --quiet imds-lockdown.service 2>/dev/null ||
-        systemctl is-active --quiet imds-lockdown.service 2>/dev/null; then
-        lockdown=yes
-        systemctl --no-reload disable imds-lockdown.service >/dev/null 2>&1 || :
-    fi
     if [ -d /run/systemd/system ]; then
         systemctl stop imds-agent.socket imds-agent.service >/dev/null 2>&1 || :
-        [ "$lockdown" = yes ] && { systemctl stop imds-lockdown.service >/dev/null 2>&1 || :; }
     fi
-    [ "$lockdown" = yes ] &&
-        echo "imds-agent: the IMDS lock-down (imds-lockdown.service) is off: its files go with the package."
-    # The opt-in container link and socket likewise: their units and script
-    # are this package's.
-    if systemctl is-enabled --quiet imds-agent-container.socket 2>/dev/null ||
-        systemctl is-active --quiet imds-agent-container.socket 2>/dev/null; then
-        systemctl --no-reload disable imds-agent-container.socket >/dev/null 2>&1 || :
-        if [ -d /run/systemd/system ]; then
-            systemctl stop imds-agent-container.socket >/dev/null 2>&1 || :
-        fi
-        echo "imds-agent: the container endpoint's socket (imds-agent-container.socket) is off: its file goes with the package."
-    fi
-    if systemctl is-enabled --quiet imds-container-link.service 2>/dev/null ||
-        systemctl is-active --quiet imds-container-link.service 2>/dev/null; then
-        systemctl --no-reload disable imds-container-link.service >/dev/null 2>&1 || :
-        if [ -d /run/systemd/system ]; then
-            systemctl stop imds-container-link.service >/dev/null 2>&1 || :
-        fi
-        echo "imds-agent: the container link (imds-container-link.service) is off: its files go with the package."
-    fi
+    # After the agent: the lock-down is not lifted while the agent runs.
+    turn_off imds-lockdown.service "the IMDS lock-down" "its files go"
+    turn_off imds-agent-container.socket "the container endpoint's socket" "its file goes"
+    turn_off imds-container-link.service "the container link" "its files go"
 fi
 exit 0
